@@ -1,0 +1,161 @@
+//! The block cache: decompressed clusters and metadata tables, shared by every
+//! view of every image, bounded in bytes.
+//!
+//! Keys name what is really stored on disk (file identity + host offset), so a
+//! cluster that two views or two chains share is cached once. The cache is
+//! split into shards, each behind its own lock, so concurrent FUSE requests
+//! rarely wait on one another; a lock is held only to look up or insert an
+//! `Arc`, never while reading or decompressing.
+
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use crate::io::FileId;
+
+/// What a cached block holds; part of the key, so that, say, an L2 table and a
+/// decompressed cluster at the same host offset never collide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockKind {
+    /// A metadata table (qcow2 L2 table), raw bytes as on disk.
+    Table,
+    /// A compressed cluster, decompressed.
+    Decompressed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BlockKey {
+    pub file: FileId,
+    pub kind: BlockKind,
+    pub offset: u64,
+}
+
+/// Bookkeeping cost of one entry beyond its bytes (key, Arc header, LRU node).
+const ENTRY_OVERHEAD: usize = 96;
+const SHARDS: usize = 32;
+
+struct Shard {
+    lru: LruCache<BlockKey, Arc<[u8]>>,
+    bytes: usize,
+}
+
+pub struct BlockCache {
+    shards: Box<[Mutex<Shard>]>,
+    shard_capacity: usize,
+    hasher: std::collections::hash_map::RandomState,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl BlockCache {
+    /// A cache holding at most `capacity` bytes (spread evenly over the shards).
+    pub fn new(capacity: u64) -> Self {
+        let shards = (0..SHARDS)
+            .map(|_| Mutex::new(Shard { lru: LruCache::unbounded(), bytes: 0 }))
+            .collect();
+        BlockCache {
+            shards,
+            shard_capacity: (capacity / SHARDS as u64).min(usize::MAX as u64) as usize,
+            hasher: Default::default(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, key: &BlockKey) -> &Mutex<Shard> {
+        let mut h = self.hasher.build_hasher();
+        key.hash(&mut h);
+        &self.shards[h.finish() as usize % SHARDS]
+    }
+
+    pub fn get(&self, key: &BlockKey) -> Option<Arc<[u8]>> {
+        let found = self.shard(key).lock().lru.get(key).cloned();
+        let counter = if found.is_some() { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// Inserts a block, evicting the least recently used ones of its shard
+    /// until the shard fits its share of the capacity. A block larger than a
+    /// shard's share is not kept at all.
+    pub fn insert(&self, key: BlockKey, block: Arc<[u8]>) {
+        let cost = block.len() + ENTRY_OVERHEAD;
+        if cost > self.shard_capacity {
+            return;
+        }
+        let mut shard = self.shard(&key).lock();
+        if let Some(old) = shard.lru.put(key, block) {
+            shard.bytes -= old.len() + ENTRY_OVERHEAD;
+        }
+        shard.bytes += cost;
+        while shard.bytes > self.shard_capacity {
+            match shard.lru.pop_lru() {
+                Some((_, old)) => shard.bytes -= old.len() + ENTRY_OVERHEAD,
+                None => break,
+            }
+        }
+    }
+
+    /// Returns the cached block, or loads, caches and returns it. Two threads
+    /// missing on one key at once may both load it; the result is the same.
+    pub fn get_or_load<E>(
+        &self,
+        key: BlockKey,
+        load: impl FnOnce() -> Result<Vec<u8>, E>,
+    ) -> Result<Arc<[u8]>, E> {
+        if let Some(block) = self.get(&key) {
+            return Ok(block);
+        }
+        let block: Arc<[u8]> = load()?.into();
+        self.insert(key, block.clone());
+        Ok(block)
+    }
+
+    /// Bytes held now, entry overhead included.
+    pub fn used_bytes(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().bytes).sum()
+    }
+
+    pub fn stats(&self) -> (u64, u64) {
+        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(offset: u64) -> BlockKey {
+        BlockKey { file: FileId { dev: 1, ino: 2 }, kind: BlockKind::Decompressed, offset }
+    }
+
+    #[test]
+    fn stays_within_its_byte_bound() {
+        let cache = BlockCache::new(SHARDS as u64 * 10_000);
+        for i in 0..10_000u64 {
+            cache.insert(key(i * 4096), vec![0u8; 4096].into());
+            assert!(cache.used_bytes() <= SHARDS * 10_000);
+        }
+    }
+
+    #[test]
+    fn returns_what_was_inserted() {
+        let cache = BlockCache::new(1 << 20);
+        cache.insert(key(0), vec![7u8; 100].into());
+        assert_eq!(&*cache.get(&key(0)).unwrap(), &[7u8; 100][..]);
+        assert!(cache.get(&key(1)).is_none());
+        let other = BlockKey { kind: BlockKind::Table, ..key(0) };
+        assert!(cache.get(&other).is_none(), "kinds must not collide");
+    }
+
+    #[test]
+    fn oversized_blocks_are_not_kept() {
+        let cache = BlockCache::new(SHARDS as u64 * 1000);
+        cache.insert(key(0), vec![0u8; 5000].into());
+        assert!(cache.get(&key(0)).is_none());
+        assert_eq!(cache.used_bytes(), 0);
+    }
+}

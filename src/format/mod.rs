@@ -1,0 +1,171 @@
+//! Image formats, found by their magic bytes, and the opening of backing chains.
+
+pub mod qcow2;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing::warn;
+
+use crate::cache::BlockCache;
+use crate::error::{Error, Result};
+use crate::io::FileSource;
+use crate::view::{RawView, View};
+
+use qcow2::{Backing, Header, Qcow2Image};
+
+/// A chain deeper than this is refused: each level keeps a file and its L1
+/// table open, and a hostile chain must not exhaust either.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Qcow2,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// The format of a file by its magic bytes, or `None` for anything else.
+pub fn probe(file: &FileSource) -> Result<Option<Format>> {
+    let mut magic = [0u8; 4];
+    file.read_at(&mut magic, 0)?;
+    Ok((magic == qcow2::MAGIC).then_some(Format::Qcow2))
+}
+
+/// Opens a qcow2 image and, recursively, its backing chain.
+pub fn open_qcow2(path: &Path, cache: &Arc<BlockCache>) -> Result<Arc<Qcow2Image>> {
+    open_qcow2_in_chain(path, cache, &mut Vec::new())
+}
+
+fn open_qcow2_in_chain(
+    path: &Path,
+    cache: &Arc<BlockCache>,
+    chain: &mut Vec<PathBuf>,
+) -> Result<Arc<Qcow2Image>> {
+    let file = Arc::new(FileSource::open(path)?);
+    let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
+    if chain.contains(&canonical) {
+        return Err(Error::open(path, "backing chain loops back to this image"));
+    }
+    if chain.len() >= MAX_CHAIN_DEPTH {
+        return Err(Error::open(
+            path,
+            format!("backing chain deeper than {MAX_CHAIN_DEPTH} images"),
+        ));
+    }
+    chain.push(canonical);
+
+    let header = read_header(&file)?;
+    if header.incompatible & qcow2::header::INCOMPAT_DIRTY != 0 {
+        warn!("{}: image is marked dirty (not cleanly closed); reading it anyway", path.display());
+    }
+    if header.incompatible & qcow2::header::INCOMPAT_CORRUPT != 0 {
+        warn!("{}: image is marked corrupt; reading it read-only anyway", path.display());
+    }
+    let data = match &header.data_file {
+        Some(name) if header.has_data_file() => {
+            let data_path = resolve_name(path, name, "external data file")?;
+            let data = FileSource::open(&data_path).map_err(|e| {
+                Error::open(path, format!("external data file '{name}' cannot be opened: {e}"))
+            })?;
+            Some(Arc::new(data))
+        }
+        _ => None,
+    };
+    let backing = match header.backing_file.clone() {
+        Some(name) => Some(open_backing(path, &name, header.backing_format.as_deref(), cache, chain)?),
+        None => None,
+    };
+    Ok(Arc::new(Qcow2Image::new(file, header, data, backing, cache.clone())?))
+}
+
+fn read_header(file: &FileSource) -> Result<Header> {
+    let mut first = vec![0u8; 104.min(file.len() as usize)];
+    file.read_at(&mut first, 0)?;
+    if first.len() >= 24 && first[0..4] == qcow2::MAGIC {
+        let bits = u32::from_be_bytes(first[20..24].try_into().unwrap());
+        if (qcow2::header::MIN_CLUSTER_BITS..=qcow2::header::MAX_CLUSTER_BITS).contains(&bits) {
+            first = vec![0u8; (1usize << bits).min(file.len() as usize)];
+            file.read_at(&mut first, 0)?;
+        }
+    }
+    Header::parse(file.path(), &first)
+}
+
+fn open_backing(
+    image: &Path,
+    name: &str,
+    format: Option<&str>,
+    cache: &Arc<BlockCache>,
+    chain: &mut Vec<PathBuf>,
+) -> Result<Backing> {
+    let path = resolve_name(image, name, "backing file")?;
+    let file = FileSource::open(&path).map_err(|e| {
+        let reason = match &e {
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                "not found".to_string()
+            }
+            other => other.to_string(),
+        };
+        Error::open(image, format!("backing file '{name}' ({}): {reason}", path.display()))
+    })?;
+    let format = match format {
+        Some("qcow2") => "qcow2",
+        Some("raw") => "raw",
+        Some(other) => {
+            return Err(Error::open(
+                image,
+                format!("backing file '{name}' has format '{other}', which snapmount does not read"),
+            ))
+        }
+        None => {
+            // Legacy images: probe by magic, as QEMU does, but only ever
+            // promote a file to qcow2 on its magic, never demote a qcow2.
+            let probed = if probe(&file)? == Some(Format::Qcow2) { "qcow2" } else { "raw" };
+            warn!(
+                "{}: no backing format recorded for '{name}'; probed it as {probed}",
+                image.display()
+            );
+            probed
+        }
+    };
+    if format == "raw" {
+        let view: Arc<dyn View> = Arc::new(RawView::new(Arc::new(file)));
+        return Ok(Backing { name: name.to_string(), path, format, view, image: None });
+    }
+    drop(file);
+    let img = open_qcow2_in_chain(&path, cache, chain)?;
+    let view: Arc<dyn View> = Arc::new(img.active_view());
+    Ok(Backing { name: name.to_string(), path, format, view, image: Some(img) })
+}
+
+/// Turns a backing or data file name into a path: absolute names as they are,
+/// relative names against the directory of the path the referencing image was
+/// opened by (not its real path, as QEMU does). `json:` and protocol names
+/// (`nbd://…`, `http:…`) are refused: they would reach beyond local files.
+pub fn resolve_name(image: &Path, name: &str, what: &str) -> Result<PathBuf> {
+    if name.starts_with("json:") {
+        return Err(Error::open(image, format!("{what} '{name}' is a json: name; only file names are supported")));
+    }
+    // QEMU's rule: a ':' before any '/' makes it a protocol.
+    if let Some(colon) = name.find(':') {
+        if !name[..colon].contains('/') {
+            return Err(Error::open(
+                image,
+                format!("{what} '{name}' names a protocol; only local files are supported"),
+            ));
+        }
+    }
+    let name = Path::new(name);
+    if name.is_absolute() {
+        return Ok(name.to_path_buf());
+    }
+    let dir = image.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Ok(dir.join(name))
+}

@@ -1,0 +1,358 @@
+//! A qcow2 image opened for reading, and the views over it: the current disk
+//! (the active L1 table) and, for internal snapshots, their own L1 tables.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use crate::cache::{BlockCache, BlockKey, BlockKind};
+use crate::error::{Error, Result};
+use crate::io::FileSource;
+use crate::view::{Extent, View};
+
+use super::decompress::decompress;
+use super::header::Header;
+use super::l2::{self, Geometry, Mapping};
+use super::snapshot::{self, Snapshot};
+
+/// The image a qcow2 file reads through for unallocated clusters.
+pub struct Backing {
+    /// The name as stored in the header.
+    pub name: String,
+    /// Where it was found (the referencing image's directory joined with a
+    /// relative name).
+    pub path: PathBuf,
+    /// "qcow2" or "raw".
+    pub format: &'static str,
+    /// Its resolved content (its own backing chain included).
+    pub view: Arc<dyn View>,
+    /// Set when the backing file is itself qcow2.
+    pub image: Option<Arc<Qcow2Image>>,
+}
+
+pub struct Qcow2Image {
+    path: PathBuf,
+    file: Arc<FileSource>,
+    /// Where guest data clusters live: the image itself or its external data file.
+    data: Arc<FileSource>,
+    header: Header,
+    geo: Geometry,
+    cache: Arc<BlockCache>,
+    backing: Option<Backing>,
+    active_l1: Arc<[u64]>,
+    snapshots: Vec<Snapshot>,
+    /// Snapshot L1 tables, read on a view's first use.
+    snapshot_l1: Vec<OnceLock<Arc<[u64]>>>,
+}
+
+impl Qcow2Image {
+    /// Opens the image with an already-opened file and header; `data` is the
+    /// external data file when the image has one; `backing` the opened backing.
+    pub(crate) fn new(
+        file: Arc<FileSource>,
+        header: Header,
+        data: Option<Arc<FileSource>>,
+        backing: Option<Backing>,
+        cache: Arc<BlockCache>,
+    ) -> Result<Self> {
+        let path = file.path().to_path_buf();
+        let geo = Geometry {
+            cluster_bits: header.cluster_bits,
+            extended_l2: header.extended_l2(),
+            version: header.version,
+            external_data: header.has_data_file(),
+        };
+        let active_l1 = read_l1(&file, header.l1_table_offset, header.l1_size)?;
+        let snapshots = snapshot::read_table(&path, &file, &header)?;
+        let snapshot_l1 = snapshots.iter().map(|_| OnceLock::new()).collect();
+        Ok(Qcow2Image {
+            data: data.unwrap_or_else(|| file.clone()),
+            path,
+            file,
+            header,
+            geo,
+            cache,
+            backing,
+            active_l1,
+            snapshots,
+            snapshot_l1,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self) -> &Arc<FileSource> {
+        &self.file
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn backing(&self) -> Option<&Backing> {
+        self.backing.as_ref()
+    }
+
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    pub fn data_file(&self) -> Option<&Path> {
+        self.header.has_data_file().then(|| self.data.path())
+    }
+
+    /// The image's current content.
+    pub fn active_view(self: &Arc<Self>) -> Qcow2View {
+        Qcow2View {
+            image: self.clone(),
+            table: Table::Active,
+            base: 0,
+            size: self.header.virtual_size(),
+        }
+    }
+
+    /// The disk as it was when snapshot `index` was taken.
+    pub fn snapshot_view(self: &Arc<Self>, index: usize) -> Qcow2View {
+        let s = &self.snapshots[index];
+        Qcow2View { image: self.clone(), table: Table::Snapshot(index), base: 0, size: s.disk_size & !511 }
+    }
+
+    /// The VM state saved with snapshot `index`: stored in the snapshot's L1
+    /// view at the first L1 index past the disk (research note A.8).
+    pub fn vmstate_view(self: &Arc<Self>, index: usize) -> Qcow2View {
+        let s = &self.snapshots[index];
+        let cover = self.geo.l1_coverage();
+        let base = s.disk_size.div_ceil(cover).saturating_mul(cover);
+        let size = s.vm_state_size.min(u64::MAX - base);
+        Qcow2View { image: self.clone(), table: Table::Snapshot(index), base, size }
+    }
+
+    fn l1(&self, table: Table, guest: u64) -> Result<Arc<[u64]>> {
+        match table {
+            Table::Active => Ok(self.active_l1.clone()),
+            Table::Snapshot(i) => {
+                if let Some(l1) = self.snapshot_l1[i].get() {
+                    return Ok(l1.clone());
+                }
+                let s = &self.snapshots[i];
+                let l1 = read_l1(&self.file, s.l1_table_offset, s.l1_size).map_err(|e| {
+                    Error::corrupt(&self.path, guest, format!("snapshot {} L1 table: {e}", s.id))
+                })?;
+                Ok(self.snapshot_l1[i].get_or_init(|| l1).clone())
+            }
+        }
+    }
+
+    fn l2_table(&self, offset: u64) -> Result<Arc<[u8]>> {
+        let key = BlockKey { file: self.file.id(), kind: BlockKind::Table, offset };
+        self.cache.get_or_load(key, || {
+            let mut table = vec![0u8; self.geo.cluster_size() as usize];
+            self.file.read_at(&mut table, offset)?;
+            Ok(table)
+        })
+    }
+
+    /// Maps the granule holding `guest`: what it holds, and how many bytes
+    /// from `guest` on share that mapping (to the granule's end, or the end
+    /// of an L1 entry's range when no L2 table is there).
+    fn lookup(&self, l1: &[u64], guest: u64) -> Result<(Mapping, u64)> {
+        let cover = self.geo.l1_coverage();
+        let index = guest / cover;
+        let rest_of_l1 = cover - guest % cover;
+        let Some(&l1_entry) = l1.get(index as usize) else {
+            return Ok((Mapping::Unallocated, rest_of_l1));
+        };
+        let l2_offset = l1_entry & l2::OFFSET_MASK;
+        if l2_offset == 0 {
+            return Ok((Mapping::Unallocated, rest_of_l1));
+        }
+        let cs = self.geo.cluster_size();
+        if l2_offset % cs != 0 {
+            return Err(Error::corrupt(
+                &self.path,
+                guest,
+                format!("L2 table offset {l2_offset:#x} unaligned (L1 index {index})"),
+            ));
+        }
+        let table = self.l2_table(l2_offset)?;
+        let slot = ((guest >> self.geo.cluster_bits) & (self.geo.l2_entries() - 1)) as usize;
+        let at = slot * self.geo.entry_bytes() as usize;
+        let entry = u64::from_be_bytes(table[at..at + 8].try_into().unwrap());
+        let bitmap = if self.geo.extended_l2 {
+            u64::from_be_bytes(table[at + 8..at + 16].try_into().unwrap())
+        } else {
+            0
+        };
+        let mapping = l2::decode(&self.geo, entry, bitmap, guest)
+            .map_err(|msg| Error::corrupt(&self.path, guest, msg))?;
+        let granule = match mapping {
+            Mapping::Compressed { .. } => cs,
+            _ => self.geo.granule_size(),
+        };
+        Ok((mapping, granule - guest % granule))
+    }
+
+    /// The decompressed cluster, from the cache or from disk.
+    fn compressed_cluster(&self, coffset: u64, csize: u64, guest: u64) -> Result<Arc<[u8]>> {
+        let key = BlockKey { file: self.file.id(), kind: BlockKind::Decompressed, offset: coffset };
+        self.cache.get_or_load(key, || {
+            let mut stored = vec![0u8; csize as usize];
+            self.file.read_at(&mut stored, coffset)?;
+            let mut cluster = vec![0u8; self.geo.cluster_size() as usize];
+            decompress(self.header.compression, &stored, &mut cluster).map_err(|msg| {
+                Error::corrupt(&self.path, guest, format!("compressed cluster at {coffset:#x}: {msg}"))
+            })?;
+            Ok(cluster)
+        })
+    }
+
+    fn read_backing(&self, buf: &mut [u8], guest: u64) -> Result<()> {
+        match &self.backing {
+            Some(b) => b.view.read_at(buf, guest),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Reads an L1 table, masking the bits that carry no offset (snapshot tables
+/// keep stale COPIED bits).
+fn read_l1(file: &FileSource, offset: u64, entries: u32) -> Result<Arc<[u64]>> {
+    let mut raw = vec![0u8; entries as usize * 8];
+    file.read_at(&mut raw, offset)?;
+    Ok(raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap()) & l2::OFFSET_MASK).collect())
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Table {
+    Active,
+    Snapshot(usize),
+}
+
+/// One virtual file over a qcow2 image: a range of the guest address space
+/// seen through one L1 table.
+pub struct Qcow2View {
+    image: Arc<Qcow2Image>,
+    table: Table,
+    /// Guest offset of byte 0 of this view (non-zero for VM state).
+    base: u64,
+    size: u64,
+}
+
+/// A run of a read being assembled: neighbouring granules of one kind are
+/// served with one call (one `pread` for contiguous host clusters).
+enum Pending {
+    Data { host: u64 },
+    Zero,
+    Unallocated,
+}
+
+impl Qcow2View {
+    pub fn image(&self) -> &Arc<Qcow2Image> {
+        &self.image
+    }
+
+    fn flush(&self, run: &Pending, buf: &mut [u8], guest: u64) -> Result<()> {
+        match *run {
+            Pending::Data { host } => self.image.data.read_at(buf, host),
+            Pending::Zero => {
+                buf.fill(0);
+                Ok(())
+            }
+            Pending::Unallocated => self.image.read_backing(buf, guest),
+        }
+    }
+}
+
+impl View for Qcow2View {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let n = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[n..].fill(0);
+        if n == 0 {
+            return Ok(());
+        }
+        let l1 = self.image.l1(self.table, self.base + offset)?;
+        let mut pending: Option<(Pending, usize)> = None; // (run, start in buf)
+        let mut pos = 0usize;
+        while pos < n {
+            let guest = self.base + offset + pos as u64;
+            let (mapping, run) = self.image.lookup(&l1, guest)?;
+            let len = run.min((n - pos) as u64) as usize;
+            // Extend the pending run when this granule continues it.
+            if let Some((p, start)) = &pending {
+                let continues = match (p, &mapping) {
+                    (Pending::Data { host }, Mapping::Data { host: h }) => *h == host + (pos - start) as u64,
+                    (Pending::Zero, Mapping::Zero) => true,
+                    (Pending::Unallocated, Mapping::Unallocated) => true,
+                    _ => false,
+                };
+                if !continues {
+                    let (p, start) = pending.take().unwrap();
+                    self.flush(&p, &mut buf[start..pos], self.base + offset + start as u64)?;
+                }
+            }
+            match mapping {
+                Mapping::Compressed { coffset, csize } => {
+                    let cluster = self.image.compressed_cluster(coffset, csize, guest)?;
+                    let within = (guest & (self.image.geo.cluster_size() - 1)) as usize;
+                    buf[pos..pos + len].copy_from_slice(&cluster[within..within + len]);
+                }
+                _ if pending.is_some() => {}
+                Mapping::Data { host } => pending = Some((Pending::Data { host }, pos)),
+                Mapping::Zero => pending = Some((Pending::Zero, pos)),
+                Mapping::Unallocated => pending = Some((Pending::Unallocated, pos)),
+            }
+            pos += len;
+        }
+        if let Some((p, start)) = pending {
+            self.flush(&p, &mut buf[start..n], self.base + offset + start as u64)?;
+        }
+        Ok(())
+    }
+
+    fn extent(&self, offset: u64) -> Result<Extent> {
+        let end = self.size;
+        let l1 = self.image.l1(self.table, self.base + offset)?;
+        let class = |m: &Mapping| match m {
+            Mapping::Data { .. } | Mapping::Compressed { .. } => Some(true),
+            Mapping::Zero => Some(false),
+            Mapping::Unallocated => None, // depends on the backing file
+        };
+        let (mapping, run) = self.image.lookup(&l1, self.base + offset)?;
+        let mut len = run.min(end - offset);
+        let data = match class(&mapping) {
+            Some(d) => d,
+            None => match self.image.backing.as_ref() {
+                Some(b) if self.base + offset < b.view.size() => {
+                    let e = b.view.extent(self.base + offset)?;
+                    return Ok(Extent { len: e.len.min(len), data: e.data });
+                }
+                _ => false,
+            },
+        };
+        // Merge the following granules of the same class (not those that
+        // would need the backing file's answer).
+        let backing_matters = self.image.backing.as_ref().map_or(0, |b| b.view.size());
+        while offset + len < end {
+            let guest = self.base + offset + len;
+            let (m, r) = self.image.lookup(&l1, guest)?;
+            let c = match class(&m) {
+                Some(c) => c,
+                None if guest >= backing_matters => false,
+                None => break,
+            };
+            if c != data {
+                break;
+            }
+            len = (len + r).min(end - offset);
+        }
+        Ok(Extent { len, data })
+    }
+}

@@ -1,0 +1,12 @@
+//! qcow2 (versions 2 and 3), read-only. `../shared/research/qcow2.md` Part A
+//! is the reference this follows.
+
+mod decompress;
+pub mod header;
+mod image;
+pub mod l2;
+pub mod snapshot;
+
+pub use header::{Compression, Header, MAGIC};
+pub use image::{Backing, Qcow2Image, Qcow2View};
+pub use snapshot::Snapshot;

@@ -1,0 +1,122 @@
+//! A view is one virtual file: a size, positioned reads, and an allocation map.
+//!
+//! Formats implement it for their images; backing chains and snapshots are
+//! views composed of other views. Nothing here knows about FUSE.
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::io::FileSource;
+
+/// A run of a view's bytes that share one allocation state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes, at least 1 and never past the view's end.
+    pub len: u64,
+    /// Whether the run holds stored data (`false`: it reads as zeros and takes
+    /// no space: unallocated everywhere in the chain, or a zero cluster).
+    pub data: bool,
+}
+
+pub trait View: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// Fills `buf` with the view's bytes at `offset`. Bytes past `size()` read
+    /// as zeros, so a shorter backing file reads as zeros past its end.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// The run of equal allocation state that starts at `offset` (< size()).
+    fn extent(&self, offset: u64) -> Result<Extent>;
+}
+
+/// The first offset `>= from` that holds data, or `None` if none does
+/// (SEEK_DATA).
+pub fn seek_data(view: &dyn View, from: u64) -> Result<Option<u64>> {
+    let mut pos = from;
+    while pos < view.size() {
+        let e = view.extent(pos)?;
+        if e.data {
+            return Ok(Some(pos));
+        }
+        pos += e.len;
+    }
+    Ok(None)
+}
+
+/// The first offset `>= from` that is a hole; the end of the view counts as
+/// one (SEEK_HOLE). `None` if `from` is past the end.
+pub fn seek_hole(view: &dyn View, from: u64) -> Result<Option<u64>> {
+    if from >= view.size() {
+        return Ok(None);
+    }
+    let mut pos = from;
+    while pos < view.size() {
+        let e = view.extent(pos)?;
+        if !e.data {
+            return Ok(Some(pos));
+        }
+        pos += e.len;
+    }
+    Ok(Some(view.size()))
+}
+
+/// Bytes of the view that hold data (what `st_blocks` reports).
+pub fn allocated_bytes(view: &dyn View) -> Result<u64> {
+    let mut pos = 0;
+    let mut total = 0;
+    while pos < view.size() {
+        let e = view.extent(pos)?;
+        if e.data {
+            total += e.len;
+        }
+        pos += e.len;
+    }
+    Ok(total)
+}
+
+/// A raw file as a view: the file's bytes are the disk. Its size is the file
+/// length rounded up to 512, the tail zero-filled, as QEMU does.
+pub struct RawView {
+    source: Arc<FileSource>,
+    size: u64,
+}
+
+impl RawView {
+    pub fn new(source: Arc<FileSource>) -> Self {
+        let size = source.len().div_ceil(512) * 512;
+        RawView { source, size }
+    }
+}
+
+impl View for RawView {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.source.read_at(buf, offset)
+    }
+
+    fn extent(&self, offset: u64) -> Result<Extent> {
+        Ok(Extent { len: self.size.saturating_sub(offset).max(1), data: true })
+    }
+}
+
+/// A view that is all zeros (for tests and placeholders).
+pub struct ZeroView(pub u64);
+
+impl View for ZeroView {
+    fn size(&self) -> u64 {
+        self.0
+    }
+
+    fn read_at(&self, buf: &mut [u8], _offset: u64) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+
+    fn extent(&self, offset: u64) -> Result<Extent> {
+        Ok(Extent { len: self.0.saturating_sub(offset).max(1), data: false })
+    }
+}
