@@ -5,8 +5,10 @@
 //! of views to FUSE.
 
 pub mod cache;
+pub mod catalog;
 pub mod error;
 pub mod format;
+pub mod fs;
 pub mod io;
 pub mod view;
 

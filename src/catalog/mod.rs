@@ -1,0 +1,268 @@
+//! Turns the sources named on the command line into the tree the mount shows:
+//!
+//! ```text
+//! <image>/disk.raw, info.json
+//! <image>/snapshots/<entry>/disk.raw, vmstate, info.json
+//! <image>/backing/<n>-<file name>/disk.raw, info.json
+//! ```
+//!
+//! The tree is built once, before mounting, and never changes: the images are
+//! read-only and assumed not to change while mounted.
+
+mod info;
+pub mod names;
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
+
+use tracing::{info, warn};
+
+use crate::cache::BlockCache;
+use crate::error::{Error, Result};
+use crate::format::qcow2::{Backing, Qcow2Image};
+use crate::format::{self, Format};
+use crate::io::FileSource;
+use crate::view::{self, View};
+
+pub use info::rfc3339;
+
+pub type Ino = u64;
+pub const ROOT: Ino = 1;
+
+pub enum Content {
+    Dir(BTreeMap<OsString, Ino>),
+    View(Arc<dyn View>),
+    Bytes(Arc<[u8]>),
+}
+
+pub struct Node {
+    pub parent: Ino,
+    pub content: Content,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    /// Bytes holding data, computed on first `stat` (views walk their maps).
+    allocated: OnceLock<u64>,
+}
+
+impl Node {
+    pub fn size(&self) -> u64 {
+        match &self.content {
+            Content::Dir(_) => 0,
+            Content::View(v) => v.size(),
+            Content::Bytes(b) => b.len() as u64,
+        }
+    }
+
+    /// Bytes the file really takes: data extents for views (zeros and
+    /// unallocated ranges take none).
+    pub fn allocated(&self) -> u64 {
+        *self.allocated.get_or_init(|| match &self.content {
+            Content::Dir(_) => 0,
+            Content::Bytes(b) => b.len() as u64,
+            Content::View(v) => view::allocated_bytes(v.as_ref()).unwrap_or_else(|e| {
+                warn!("cannot compute allocated size: {e}");
+                0
+            }),
+        })
+    }
+}
+
+pub struct Catalog {
+    nodes: Vec<Node>,
+}
+
+type Times = (SystemTime, SystemTime, SystemTime);
+
+impl Catalog {
+    pub fn node(&self, ino: Ino) -> Option<&Node> {
+        self.nodes.get(ino.checked_sub(1)? as usize)
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &OsStr) -> Option<Ino> {
+        match &self.node(parent)?.content {
+            Content::Dir(children) => children.get(name).copied(),
+            _ => None,
+        }
+    }
+
+    /// Sum of the sizes of all files, for statfs.
+    pub fn total_bytes(&self) -> u64 {
+        self.nodes.iter().map(|n| n.size()).fold(0u64, u64::saturating_add)
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.len() <= 1
+    }
+
+    /// Opens every source (an image, or a directory whose images are all
+    /// taken) and lays out the tree. Any image that cannot be opened fails the
+    /// whole build, so nothing half-works.
+    pub fn build(sources: &[PathBuf], cache: &Arc<BlockCache>) -> Result<Catalog> {
+        let now = SystemTime::now();
+        let mut cat = Catalog { nodes: Vec::new() };
+        cat.add(0, None, Content::Dir(BTreeMap::new()), (now, now, now));
+        for source in sources {
+            // Absolute, but not through symlinks: relative backing names
+            // resolve against the path the user gave, as QEMU does.
+            let source = &std::path::absolute(source).map_err(|e| Error::io(source, e))?;
+            let meta = std::fs::metadata(source).map_err(|e| Error::io(source, e))?;
+            if meta.is_dir() {
+                let mut found = 0;
+                for path in list_dir(source)? {
+                    let file = match FileSource::open(&path) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            info!("skipping {}: {e}", path.display());
+                            continue;
+                        }
+                    };
+                    match format::probe(&file)? {
+                        Some(fmt) => {
+                            cat.add_image(&path, fmt, cache)?;
+                            found += 1;
+                        }
+                        None => info!("skipping {}: not a qcow2 image", path.display()),
+                    }
+                }
+                if found == 0 {
+                    warn!("{}: no images in this directory", source.display());
+                }
+            } else {
+                let file = FileSource::open(source)?;
+                match format::probe(&file)? {
+                    Some(fmt) => cat.add_image(source, fmt, cache)?,
+                    None => return Err(Error::open(source, "not a qcow2 image (unknown magic bytes)")),
+                }
+            }
+        }
+        Ok(cat)
+    }
+
+    fn add(&mut self, parent: Ino, name: Option<&str>, content: Content, times: Times) -> Ino {
+        let ino = self.nodes.len() as Ino + 1;
+        self.nodes.push(Node {
+            parent: if parent == 0 { ino } else { parent },
+            content,
+            atime: times.0,
+            mtime: times.1,
+            ctime: times.2,
+            allocated: OnceLock::new(),
+        });
+        if let Some(name) = name {
+            if let Content::Dir(children) = &mut self.nodes[parent as usize - 1].content {
+                children.insert(name.into(), ino);
+            }
+        }
+        ino
+    }
+
+    fn dir(&mut self, parent: Ino, name: &str, times: Times) -> Ino {
+        self.add(parent, Some(name), Content::Dir(BTreeMap::new()), times)
+    }
+
+    /// A name for an image's directory not yet used in the root: the file
+    /// name, then `<file name>~2`, `~3`, ...
+    fn unique_root_name(&self, path: &Path) -> String {
+        let base = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+        let base = names::escape(base.as_bytes());
+        let taken = |n: &str| self.lookup(ROOT, OsStr::new(n)).is_some();
+        if !taken(&base) {
+            return base;
+        }
+        (2..).map(|i| format!("{base}~{i}")).find(|n| !taken(n)).unwrap()
+    }
+
+    fn add_image(&mut self, path: &Path, fmt: Format, cache: &Arc<BlockCache>) -> Result<()> {
+        match fmt {
+            Format::Qcow2 => {
+                let image = format::open_qcow2(path, cache)?;
+                let name = self.unique_root_name(path);
+                let times = image.file().times();
+                let dir = self.dir(ROOT, &name, times);
+                self.add_qcow2(dir, &image, times);
+                Ok(())
+            }
+        }
+    }
+
+    /// disk.raw, info.json, snapshots/ and backing/ of one qcow2 image.
+    fn add_qcow2(&mut self, dir: Ino, image: &Arc<Qcow2Image>, times: Times) {
+        let snaps: Vec<(&str, &[u8])> =
+            image.snapshots().iter().map(|s| (s.id.as_str(), s.name.as_slice())).collect();
+        let entries = names::snapshot_entries(&snaps);
+        self.add(dir, Some("disk.raw"), Content::View(Arc::new(image.active_view())), times);
+        let info = info::qcow2_info(image, &entries);
+        self.add(dir, Some("info.json"), json_bytes(&info), times);
+
+        if !image.snapshots().is_empty() {
+            let snapdir = self.dir(dir, "snapshots", times);
+            for (index, (snap, entry)) in image.snapshots().iter().zip(&entries).enumerate() {
+                let when = info::snapshot_time(snap);
+                let stimes = (when, when, when);
+                let sdir = self.dir(snapdir, entry, stimes);
+                self.add(sdir, Some("disk.raw"), Content::View(Arc::new(image.snapshot_view(index))), stimes);
+                if snap.vm_state_size > 0 {
+                    self.add(sdir, Some("vmstate"), Content::View(Arc::new(image.vmstate_view(index))), stimes);
+                }
+                let mut sinfo = info::snapshot_info(snap);
+                sinfo["entry"] = serde_json::json!(entry);
+                self.add(sdir, Some("info.json"), json_bytes(&sinfo), stimes);
+            }
+        }
+
+        if image.backing().is_some() {
+            let bdir = self.dir(dir, "backing", times);
+            let mut link: Option<&Backing> = image.backing();
+            let mut n = 1;
+            while let Some(b) = link {
+                let file_name = b.path.file_name().map(|f| f.as_encoded_bytes().to_vec()).unwrap_or_default();
+                let name = format!("{n}-{}", names::escape(&file_name));
+                let btimes = FileSource::open(&b.path).map(|f| f.times()).unwrap_or(times);
+                let ldir = self.dir(bdir, &name, btimes);
+                self.add(ldir, Some("disk.raw"), Content::View(b.view.clone()), btimes);
+                let binfo = match &b.image {
+                    Some(img) => {
+                        let snaps: Vec<(&str, &[u8])> =
+                            img.snapshots().iter().map(|s| (s.id.as_str(), s.name.as_slice())).collect();
+                        info::qcow2_info(img, &names::snapshot_entries(&snaps))
+                    }
+                    None => info::raw_info(&b.path, b.view.size()),
+                };
+                self.add(ldir, Some("info.json"), json_bytes(&binfo), btimes);
+                link = b.image.as_ref().and_then(|i| i.backing());
+                n += 1;
+            }
+        }
+    }
+}
+
+fn json_bytes(v: &serde_json::Value) -> Content {
+    let mut text = serde_json::to_string_pretty(v).expect("JSON values serialize");
+    text.push('\n');
+    Content::Bytes(text.into_bytes().into())
+}
+
+/// Regular files directly inside `dir`, sorted by name so directory names
+/// (and their `~N` suffixes) are stable from mount to mount.
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        if path.is_file() {
+            out.push(path);
+        } else {
+            info!("skipping {}: not a regular file", path.display());
+        }
+    }
+    out.sort();
+    Ok(out)
+}

@@ -1,0 +1,217 @@
+//! `snapmount mount`: open everything, mount, then serve in the background
+//! (like sshfs) or in the foreground.
+//!
+//! Order matters: every image is opened and checked before anything is
+//! mounted, so a bad image fails the command with nothing left behind; the
+//! parent exits 0 only once the child reports the mount live (fuser's session
+//! has done the FUSE handshake by then).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use fuser::{Config, MountOption, Session, SessionACL};
+use tracing::info;
+
+use snapmount::cache::BlockCache;
+use snapmount::catalog::Catalog;
+use snapmount::fs::SnapFs;
+
+use super::MountArgs;
+
+pub fn mount(args: MountArgs) -> Result<()> {
+    let (mountpoint, sources) = args.paths.split_last().expect("clap requires two paths");
+    let mountpoint = check_mountpoint(mountpoint)?;
+    check_fuse_device()?;
+
+    let cache = Arc::new(BlockCache::new(args.cache_size));
+    let catalog = Arc::new(Catalog::build(sources, &cache)?);
+    info!("{} entries ready; mounting on {}", catalog.len(), mountpoint.display());
+
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::DefaultPermissions,
+        MountOption::FSName(fsname(sources)),
+        MountOption::Subtype("snapmount".into()),
+    ];
+    config.acl = if args.allow_other { SessionACL::All } else { SessionACL::Owner };
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    config.n_threads = Some(args.threads.unwrap_or((2 * cpus).clamp(4, 16)).max(1));
+    config.clone_fd = true;
+    // SAFETY: plain getters.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let fs = SnapFs::new(catalog, uid, gid);
+
+    if args.foreground {
+        block_signals();
+        let session = Session::new(fs, &mountpoint, &config).map_err(|e| mount_error(&mountpoint, e))?;
+        return serve(session, &mountpoint);
+    }
+
+    // Background: fork; the child mounts and tells the parent through a pipe.
+    let (read_end, write_end) = pipe()?;
+    // SAFETY: no other thread runs yet (nothing above spawns one).
+    match unsafe { libc::fork() } {
+        -1 => bail!("cannot fork: {}", std::io::Error::last_os_error()),
+        0 => {
+            drop(read_end);
+            let mut status = write_end;
+            // SAFETY: detach from the terminal's session.
+            unsafe { libc::setsid() };
+            block_signals();
+            let session = match Session::new(fs, &mountpoint, &config) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = write!(status, "{}", mount_error(&mountpoint, e));
+                    std::process::exit(1);
+                }
+            };
+            redirect_stdio(args.log_file.as_deref());
+            let _ = status.write_all(b"\0ok");
+            drop(status);
+            let _ = std::env::set_current_dir("/");
+            let code = match serve(session, &mountpoint) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("snapmount: {e:#}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        _child => {
+            drop(write_end);
+            let mut msg = String::new();
+            let mut r = read_end;
+            r.read_to_string(&mut msg)?;
+            if msg == "\0ok" {
+                Ok(())
+            } else if msg.is_empty() {
+                bail!("{}: the mount daemon died before the mount was live", mountpoint.display())
+            } else {
+                Err(anyhow!(msg))
+            }
+        }
+    }
+}
+
+/// Serves until unmounted (`umount`, `snapmount umount`) or signalled.
+fn serve(mut session: Session<SnapFs>, mountpoint: &Path) -> Result<()> {
+    let mut unmounter = session.unmount_callable();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = wait_for_signal();
+            info!("signal {sig}: unmounting");
+            if let Err(e) = unmounter.unmount() {
+                tracing::error!("unmount failed: {e}");
+            }
+        })
+        .context("cannot start the signal thread")?;
+    session.run().with_context(|| format!("{}: FUSE session ended with an error", mountpoint.display()))?;
+    info!("{} unmounted", mountpoint.display());
+    Ok(())
+}
+
+const SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks the termination signals in this thread and every thread it starts,
+/// so that only the signal thread receives them (with sigwait).
+fn block_signals() {
+    let set = signal_set();
+    // SAFETY: valid set pointer.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+fn wait_for_signal() -> i32 {
+    let set = signal_set();
+    let mut sig = 0;
+    // SAFETY: valid pointers; the signals are blocked in every thread.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    sig
+}
+
+fn pipe() -> Result<(File, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("cannot create a pipe: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors we own.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
+fn redirect_stdio(log: Option<&Path>) {
+    let null = File::options().read(true).write(true).open("/dev/null");
+    let out = match log {
+        Some(p) => File::options().create(true).append(true).open(p).or_else(|_| File::options().write(true).open("/dev/null")),
+        None => File::options().write(true).open("/dev/null"),
+    };
+    if let (Ok(null), Ok(out)) = (null, out) {
+        // SAFETY: duplicating valid descriptors onto 0, 1, 2.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+            libc::dup2(out.as_raw_fd(), 1);
+            libc::dup2(out.as_raw_fd(), 2);
+        }
+    }
+}
+
+fn check_mountpoint(path: &Path) -> Result<PathBuf> {
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => anyhow!("{}: mountpoint does not exist (create it with mkdir)", path.display()),
+        _ => anyhow!("{}: mountpoint: {e}", path.display()),
+    })?;
+    if !meta.is_dir() {
+        bail!("{}: mountpoint is not a directory", path.display());
+    }
+    std::fs::canonicalize(path).with_context(|| format!("{}: mountpoint", path.display()))
+}
+
+fn check_fuse_device() -> Result<()> {
+    match File::options().read(true).write(true).open("/dev/fuse") {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("/dev/fuse: missing; load the fuse module (modprobe fuse) or install fuse3")
+        }
+        Err(e) => bail!("/dev/fuse: {e} (is the user allowed to use FUSE?)"),
+    }
+}
+
+fn mount_error(mountpoint: &Path, e: std::io::Error) -> anyhow::Error {
+    match e.raw_os_error() {
+        Some(libc::EBUSY) => anyhow!("{}: mountpoint is busy (already mounted?)", mountpoint.display()),
+        Some(libc::EPERM) | Some(libc::EACCES) => anyhow!(
+            "{}: not permitted to mount ({e}); run as root, or install fuse3 for fusermount3",
+            mountpoint.display()
+        ),
+        _ => anyhow!("{}: cannot mount: {e}", mountpoint.display()),
+    }
+}
+
+/// The name shown in the mount table: the single source, or the first and a count.
+fn fsname(sources: &[PathBuf]) -> String {
+    let first = sources[0].display().to_string().replace(',', "_");
+    match sources.len() {
+        1 => first,
+        n => format!("{first}+{}", n - 1),
+    }
+}
