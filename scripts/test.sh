@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every test of snapmount. Installs the Debian packages the tests use
+# when they are missing (as root), or says which ones to install.
+#   qemu-utils  qemu-img / qemu-io: build the test images and are the oracle
+#   fuse3       fusermount3, for mounts by non-root users
+#   e2fsprogs   mkfs.ext4 (-d) to put real filesystems into test images
+#   util-linux  mount / losetup for loop mounts of the served disks
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || need+=(qemu-utils)
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v losetup >/dev/null && command -v mount >/dev/null || need+=(util-linux mount)
+if ((${#need[@]})); then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing: ${need[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+        echo "missing Debian packages: ${need[*]}; install them with: sudo apt-get install ${need[*]}" >&2
+        exit 1
+    fi
+fi
+if [ ! -c /dev/fuse ]; then
+    echo "/dev/fuse is missing: load the fuse module (modprobe fuse); the mount tests need it" >&2
+    exit 1
+fi
+command -v cargo >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
+
+cargo build --release --all-targets
+cargo test --release -- --test-threads=2
