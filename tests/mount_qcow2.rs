@@ -495,7 +495,7 @@ fn dirty_corrupt_and_unknown_compatible_bits_accepted() {
     qemu_io(&bm, &["write -P 0x45 0 1M"]);
 
     let imgs = qcow2_files(&t.imgs);
-    assert_eq!(imgs.len(), 11);
+    assert_eq!(imgs.len(), 12);
     let mnt = Mount::new(&[&t.imgs], &t.mnt);
     mnt.assert_all_match(&imgs, &t.scratch);
 }
@@ -1274,11 +1274,19 @@ fn build_case(seed: u64, dir: &Path, data: &Path) -> Case {
         create_qcow2(&img, &size.to_string(), &opts, backing.as_deref().map(|b| (b, "qcow2")));
         let nops = rng.range(10, 30);
         let mut cmds = Vec::new();
+        // QEMU can only write a compressed cluster where nothing was written in this layer
+        // (it fails with EIO otherwise), so track the clusters each op touches.
+        let mut touched = std::collections::HashSet::new();
         for _ in 0..nops {
             let kind = rng.below(100);
             let off = rand_off(&mut rng, size, cs);
             let len = rand_len(&mut rng, size - off);
             let pat = rng.range(1, 255);
+            if kind < 78 {
+                for c in off / cs..=(off + len - 1) / cs {
+                    touched.insert(c);
+                }
+            }
             let cmd = if kind < 35 {
                 format!("write -P {pat} {off} {len}")
             } else if kind < 45 {
@@ -1296,21 +1304,37 @@ fn build_case(seed: u64, dir: &Path, data: &Path) -> Case {
                     continue;
                 }
                 let c0 = rng.below(full);
-                let n = rng.range(1, (full - c0).min((4 * MIB / cs).max(1)).min(8));
+                let mut n = rng.range(1, (full - c0).min((4 * MIB / cs).max(1)).min(8));
+                if let Some(i) = (c0..c0 + n).position(|c| touched.contains(&c)) {
+                    n = i as u64;
+                }
+                if n == 0 {
+                    continue;
+                }
                 if rng.chance(50) {
                     format!("write -c -P {pat} {} {}", c0 * cs, n * cs)
                 } else {
                     // the data file holds 2 MiB: at least one cluster, never more than 2 MiB
-                    let n = n.min((2 * MIB / cs).max(1));
+                    n = n.min((2 * MIB / cs).max(1));
                     format!("write -c -s {} {} {}", s(data), c0 * cs, n * cs)
                 }
             };
+            if kind >= 78 {
+                // n was narrowed above; recompute from the command to mark the right clusters
+                let parts: Vec<u64> = cmd.rsplit(' ').take(2).map(|x| x.parse().unwrap()).collect();
+                for c in parts[1] / cs..(parts[1] + parts[0]) / cs {
+                    touched.insert(c);
+                }
+            }
             cmds.push(cmd);
         }
         for c in &cmds {
             recipe.push(format!("qemu-io -c \"{c}\" {name}"));
         }
-        qemu_io(&img, &cmds);
+        if let Err(e) = std::panic::catch_unwind(|| qemu_io(&img, &cmds)) {
+            let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+            panic!("seed {seed}: building the image failed (a test generator bug or a qemu-io limit):\n  {}\n{msg}", recipe.join("\n  "));
+        }
         images.push(img);
     }
     Case { seed, images, recipe }
