@@ -22,6 +22,8 @@ use crate::io::FileId;
 pub enum BlockKind {
     /// A metadata table (qcow2 L2 table), raw bytes as on disk.
     Table,
+    /// A qcow2 L1 table of this many entries, raw bytes as on disk.
+    L1 { entries: u32 },
     /// A compressed cluster, decompressed.
     Decompressed,
 }

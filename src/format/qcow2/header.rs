@@ -243,6 +243,9 @@ impl Header {
         if h.nb_snapshots > MAX_SNAPSHOTS {
             return Err(bad(format!("bad header: {} snapshots (limit {MAX_SNAPSHOTS})", h.nb_snapshots)));
         }
+        if h.nb_snapshots > 0 && h.snapshots_offset > i64::MAX as u64 {
+            return Err(bad("bad header: snapshot table offset out of range".into()));
+        }
         if h.nb_snapshots > 0 && h.snapshots_offset % cluster_size != 0 {
             return Err(bad("bad header: snapshot table offset unaligned".into()));
         }

@@ -2,7 +2,7 @@
 //! (the active L1 table) and, for internal snapshots, their own L1 tables.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use crate::cache::{BlockCache, BlockKey, BlockKind};
 use crate::error::{Error, Result};
@@ -38,10 +38,11 @@ pub struct Qcow2Image {
     geo: Geometry,
     cache: Arc<BlockCache>,
     backing: Option<Backing>,
-    active_l1: Arc<[u64]>,
+    /// The active L1 table, raw big-endian entries, kept for the image's life.
+    active_l1: Arc<[u8]>,
+    /// Snapshot L1 tables are read on a view's first use and kept in the block
+    /// cache, so that thousands of snapshots cannot pin unbounded memory.
     snapshots: Vec<Snapshot>,
-    /// Snapshot L1 tables, read on a view's first use.
-    snapshot_l1: Vec<OnceLock<Arc<[u64]>>>,
 }
 
 impl Qcow2Image {
@@ -61,9 +62,8 @@ impl Qcow2Image {
             version: header.version,
             external_data: header.has_data_file(),
         };
-        let active_l1 = read_l1(&file, header.l1_table_offset, header.l1_size)?;
+        let active_l1 = read_l1(&file, header.l1_table_offset, header.l1_size)?.into();
         let snapshots = snapshot::read_table(&path, &file, &header)?;
-        let snapshot_l1 = snapshots.iter().map(|_| OnceLock::new()).collect();
         Ok(Qcow2Image {
             data: data.unwrap_or_else(|| file.clone()),
             path,
@@ -74,7 +74,6 @@ impl Qcow2Image {
             backing,
             active_l1,
             snapshots,
-            snapshot_l1,
         })
     }
 
@@ -128,18 +127,19 @@ impl Qcow2Image {
         Qcow2View { image: self.clone(), table: Table::Snapshot(index), base, size }
     }
 
-    fn l1(&self, table: Table, guest: u64) -> Result<Arc<[u64]>> {
+    fn l1(&self, table: Table) -> Result<Arc<[u8]>> {
         match table {
             Table::Active => Ok(self.active_l1.clone()),
             Table::Snapshot(i) => {
-                if let Some(l1) = self.snapshot_l1[i].get() {
-                    return Ok(l1.clone());
-                }
                 let s = &self.snapshots[i];
-                let l1 = read_l1(&self.file, s.l1_table_offset, s.l1_size).map_err(|e| {
-                    Error::corrupt(&self.path, guest, format!("snapshot {} L1 table: {e}", s.id))
-                })?;
-                Ok(self.snapshot_l1[i].get_or_init(|| l1).clone())
+                // Two snapshots may share one table offset with different
+                // sizes (in a hostile image): the size is part of the key.
+                let key = BlockKey {
+                    file: self.file.id(),
+                    kind: BlockKind::L1 { entries: s.l1_size },
+                    offset: s.l1_table_offset,
+                };
+                self.cache.get_or_load(key, || read_l1(&self.file, s.l1_table_offset, s.l1_size))
             }
         }
     }
@@ -156,14 +156,17 @@ impl Qcow2Image {
     /// Maps the granule holding `guest`: what it holds, and how many bytes
     /// from `guest` on share that mapping (to the granule's end, or the end
     /// of an L1 entry's range when no L2 table is there).
-    fn lookup(&self, l1: &[u64], guest: u64) -> Result<(Mapping, u64)> {
+    fn lookup(&self, l1: &[u8], guest: u64) -> Result<(Mapping, u64)> {
         let cover = self.geo.l1_coverage();
         let index = guest / cover;
         let rest_of_l1 = cover - guest % cover;
-        let Some(&l1_entry) = l1.get(index as usize) else {
-            return Ok((Mapping::Unallocated, rest_of_l1));
+        let Some(raw) = l1.get(index as usize * 8..index as usize * 8 + 8) else {
+            // Past the table everything is unallocated: one run to the end, so
+            // walking a huge sparse view takes one step, not one per L1 entry.
+            return Ok((Mapping::Unallocated, u64::MAX - guest));
         };
-        let l2_offset = l1_entry & l2::OFFSET_MASK;
+        // Masking also drops the stale COPIED bits of snapshot tables.
+        let l2_offset = u64::from_be_bytes(raw.try_into().unwrap()) & l2::OFFSET_MASK;
         if l2_offset == 0 {
             return Ok((Mapping::Unallocated, rest_of_l1));
         }
@@ -218,12 +221,20 @@ impl Qcow2Image {
     }
 }
 
-/// Reads an L1 table, masking the bits that carry no offset (snapshot tables
-/// keep stale COPIED bits).
-fn read_l1(file: &FileSource, offset: u64, entries: u32) -> Result<Arc<[u64]>> {
-    let mut raw = vec![0u8; entries as usize * 8];
+/// Reads an L1 table as stored (big-endian entries). A table that would run
+/// past the end of the file is refused before anything is allocated for it,
+/// so a header cannot make us allocate more than the file holds.
+fn read_l1(file: &FileSource, offset: u64, entries: u32) -> Result<Vec<u8>> {
+    let bytes = entries as u64 * 8;
+    if offset.checked_add(bytes).is_none_or(|end| end > file.len()) {
+        return Err(Error::open(
+            file.path(),
+            format!("L1 table ({entries} entries at {offset:#x}) runs past the end of the file"),
+        ));
+    }
+    let mut raw = vec![0u8; bytes as usize];
     file.read_at(&mut raw, offset)?;
-    Ok(raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap()) & l2::OFFSET_MASK).collect())
+    Ok(raw)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -278,7 +289,7 @@ impl View for Qcow2View {
         if n == 0 {
             return Ok(());
         }
-        let l1 = self.image.l1(self.table, self.base + offset)?;
+        let l1 = self.image.l1(self.table)?;
         let mut pending: Option<(Pending, usize)> = None; // (run, start in buf)
         let mut pos = 0usize;
         while pos < n {
@@ -319,7 +330,7 @@ impl View for Qcow2View {
 
     fn extent(&self, offset: u64) -> Result<Extent> {
         let end = self.size;
-        let l1 = self.image.l1(self.table, self.base + offset)?;
+        let l1 = self.image.l1(self.table)?;
         let class = |m: &Mapping| match m {
             Mapping::Data { .. } | Mapping::Compressed { .. } => Some(true),
             Mapping::Zero => Some(false),
@@ -351,7 +362,7 @@ impl View for Qcow2View {
             if c != data {
                 break;
             }
-            len = (len + r).min(end - offset);
+            len = len.saturating_add(r).min(end - offset);
         }
         Ok(Extent { len, data })
     }
