@@ -129,7 +129,7 @@ fn cluster_sizes_512b_to_2m() {
         n.sort();
         n
     });
-    mnt.assert_all_match(&imgs, &t.scratch);
+    mnt.assert_all_match_thoroughly(&imgs, &t.scratch, 30);
     // QEMU's own comparison, once with the smallest and once with the default cluster size.
     qemu_compare_raw_vs_qcow2(&mnt.disk("cs9.qcow2"), &t.imgs.join("cs9.qcow2"));
     qemu_compare_raw_vs_qcow2(&mnt.disk("cs16.qcow2"), &t.imgs.join("cs16.qcow2"));
@@ -172,7 +172,7 @@ fn v2_images_overlay_and_snapshot() {
 
     let imgs = qcow2_files(&t.imgs);
     let mnt = Mount::new(&[&t.imgs], &t.mnt);
-    mnt.assert_all_match(&imgs, &t.scratch);
+    mnt.assert_all_match_thoroughly(&imgs, &t.scratch, 40);
     let info = mnt.info("v2.qcow2");
     assert_eq!(json_u64(&info, "version"), 2);
     assert_eq!(json_arr(&info, "snapshots").len(), 1, "v2.qcow2 has one snapshot: {info}");
@@ -226,7 +226,7 @@ fn compressed_zlib_and_zstd() {
     let imgs = qcow2_files(&t.imgs);
     assert_eq!(imgs.len(), 12);
     let mnt = Mount::new(&[&t.imgs], &t.mnt);
-    mnt.assert_all_match(&imgs, &t.scratch);
+    mnt.assert_all_match_thoroughly(&imgs, &t.scratch, 60);
     let info = mnt.info("c_zstd_odd.qcow2");
     assert_eq!(json_u64(&info, "virtual_size"), 8_325_120, "odd source rounds up to 512 in qemu-img: {info}");
 }
@@ -318,7 +318,7 @@ fn extended_l2_subclusters_over_backing() {
     let imgs = qcow2_files(&t.imgs);
     assert_eq!(imgs.len(), 6);
     let mnt = Mount::new(&[&t.imgs], &t.mnt);
-    mnt.assert_all_match(&imgs, &t.scratch);
+    mnt.assert_all_match_thoroughly(&imgs, &t.scratch, 60);
 }
 
 // ---------------------------------------------------------------------------
@@ -351,7 +351,7 @@ fn zero_clusters_and_discard() {
     let imgs = qcow2_files(&t.imgs);
     assert_eq!(imgs.len(), 5);
     let mnt = Mount::new(&[&t.imgs], &t.mnt);
-    mnt.assert_all_match(&imgs, &t.scratch);
+    mnt.assert_all_match_thoroughly(&imgs, &t.scratch, 40);
 }
 
 // ---------------------------------------------------------------------------
@@ -400,7 +400,7 @@ fn backing_chains_raw_backing_and_duplicate_names() {
     qemu_io(&top2, &["write -P 0xee 0 1M"]);
 
     let mnt = Mount::new(&[&top, &rawtop, &smalltop, &top2], &t.mnt);
-    mnt.assert_all_match(&[&rawtop, &smalltop], &t.scratch);
+    mnt.assert_all_match_thoroughly(&[&rawtop, &smalltop], &t.scratch, 60);
 
     // two distinct directories for the two top.qcow2
     let tops: Vec<String> = mnt.entries().into_iter().filter(|n| n.starts_with("top")).collect();
@@ -424,6 +424,9 @@ fn backing_chains_raw_backing_and_duplicate_names() {
         );
     }
     let chain_dir = if straight { &tops[0] } else { &tops[1] };
+    if let Err(e) = random_direct_reads(&mnt.disk(chain_dir), &exp1, 77, 80) {
+        panic!("4-deep chain top.qcow2: {e}");
+    }
     let info = mnt.info(chain_dir);
     let bc = json_arr(&info, "backing_chain");
     assert_eq!(bc.len(), 3, "4-deep chain: {info}");
@@ -1384,7 +1387,7 @@ fn randomized_chains_match_qemu() {
     let mut failures = Vec::new();
     for c in &cases {
         for img in &c.images {
-            if let Err(e) = mnt.check(img, &t.scratch) {
+            if let Err(e) = mnt.check_thoroughly(img, &t.scratch, c.seed, 30) {
                 failures.push(format!(
                     "seed {} (reproduce: SNAPMOUNT_TEST_SEED={} SNAPMOUNT_TEST_CASES=1): {e}\nrecipe (data file = {} bytes of gen_data seed 0xda7a):\n  {}",
                     c.seed,

@@ -564,6 +564,25 @@ impl Mount {
         check_against_oracle(&self.disk(&name), img, scratch)
     }
 
+    /// Like `check`, plus `reads` random unaligned O_DIRECT reads.
+    pub fn check_thoroughly(&self, img: &Path, scratch: &Path, seed: u64, reads: usize) -> Result<(), String> {
+        let name = img.file_name().unwrap().to_string_lossy().into_owned();
+        check_thoroughly(&self.disk(&name), img, scratch, seed, reads)
+    }
+
+    /// `check_thoroughly` on every image; panics once listing all failures.
+    pub fn assert_all_match_thoroughly<P: AsRef<Path>>(&self, imgs: &[P], scratch: &Path, reads: usize) {
+        let mut errs = Vec::new();
+        for (i, img) in imgs.iter().enumerate() {
+            if let Err(e) = self.check_thoroughly(img.as_ref(), scratch, 1000 + i as u64, reads) {
+                errs.push(e);
+            }
+        }
+        if !errs.is_empty() {
+            panic!("{} of {} images differ from qemu-img:\n{}", errs.len(), imgs.len(), errs.join("\n\n"));
+        }
+    }
+
     pub fn assert_matches(&self, img: &Path, scratch: &Path) {
         if let Err(e) = self.check(img, scratch) {
             panic!("{e}");
@@ -771,4 +790,70 @@ pub fn l2_entry_pos(img: &Path, idx: u64) -> u64 {
     let l2_off = l1_0 & L2_OFFSET_MASK;
     assert!(l2_off != 0, "L1[0] of {} is unallocated", img.display());
     l2_off + idx * 8
+}
+
+/// `count` O_DIRECT preads at arbitrary (unaligned) offsets and lengths, some crossing EOF,
+/// compared with the same ranges of `expected` (a raw oracle file). O_DIRECT makes the kernel
+/// pass the exact offsets/lengths through to the daemon instead of page-sized requests.
+pub fn random_direct_reads(disk: &Path, expected: &Path, seed: u64, count: usize) -> Result<(), String> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(disk)
+        .map_err(|e| format!("open {} with O_DIRECT: {e}", disk.display()))?;
+    let exp = File::open(expected).unwrap();
+    let size = exp.metadata().unwrap().len();
+    let mut rng = Rng::new(seed);
+    for i in 0..count {
+        let len = if rng.chance(50) { rng.range(1, 4096) } else { rng.range(1, 300 * 1024) } as usize;
+        let off = match rng.below(5) {
+            0 => size.saturating_sub(rng.below(len as u64 + 1)), // crosses or touches EOF
+            1 => rng.below(size / 512 + 1) * 512,
+            _ => rng.below(size + 1),
+        };
+        let want_len = (size.saturating_sub(off)).min(len as u64) as usize;
+        let mut want = vec![0u8; want_len];
+        exp.read_exact_at(&mut want, off).unwrap();
+        let mut got = vec![0u8; len];
+        let mut n = 0;
+        while n < len {
+            match f.read_at(&mut got[n..], off + n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("O_DIRECT pread #{i} {len}@{off} of {}: {e}", disk.display())),
+            }
+        }
+        if n != want_len {
+            return Err(format!(
+                "O_DIRECT pread #{i} {len}@{off} of {} returned {n} bytes, expected {want_len} (size {size})",
+                disk.display()
+            ));
+        }
+        if got[..n] != want[..] {
+            let j = (0..n).find(|&j| got[j] != want[j]).unwrap();
+            return Err(format!(
+                "O_DIRECT pread #{i} {len}@{off} of {}: byte {} (0x{:x}) differs: got {:02x}, expected {:02x}",
+                disk.display(),
+                off + j as u64,
+                off + j as u64,
+                got[j],
+                want[j]
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Oracle + whole-file compare + random unaligned O_DIRECT reads, oracle removed afterwards.
+pub fn check_thoroughly(got: &Path, img: &Path, scratch: &Path, seed: u64, reads: usize) -> Result<(), String> {
+    std::fs::create_dir_all(scratch).unwrap();
+    let exp = scratch.join(format!("{}.expected.raw", img.file_name().unwrap().to_string_lossy()));
+    oracle_raw(img, &exp);
+    let r = files_equal(got, &exp)
+        .and_then(|_| random_direct_reads(got, &exp, seed, reads))
+        .map_err(|e| format!("image {}: {e}", img.display()));
+    let _ = std::fs::remove_file(&exp);
+    r
 }
