@@ -1038,6 +1038,9 @@ fn layout_permissions_info_json_and_mtime() {
     qemu_io(&odd, &["write -P 0x05 63M 1M"]);
     write_be64(&odd, 24, m(64) - 100);
     fs::write(t.imgs.join("README.txt"), "not an image, must be skipped\n").unwrap();
+    // images in sub-directories are not mounted ("every image directly inside")
+    fs::create_dir_all(t.imgs.join("subdir")).unwrap();
+    create_qcow2(&t.imgs.join("subdir/deep.qcow2"), "1M", "", None);
 
     let mnt = Mount::new(&[&t.imgs], &t.mnt);
     assert_eq!(mnt.entries(), vec!["a.qcow2", "b.qcow2", "odd.qcow2"]);
@@ -1402,4 +1405,178 @@ fn randomized_chains_match_qemu() {
     if !failures.is_empty() {
         panic!("{} of {} random cases differ from qemu-img:\n{}", failures.len(), cases.len(), failures.join("\n\n"));
     }
+}
+
+// ---------------------------------------------------------------------------
+// Extra edge cases: paths, names, big offsets, many images, --allow-other
+// ---------------------------------------------------------------------------
+
+/// Relative SOURCE and MOUNTPOINT (a daemon that chdir("/")s must resolve them first),
+/// and a relative backing name reached through a relative SOURCE.
+#[test]
+fn relative_source_and_mountpoint_paths() {
+    let t = setup("relpath");
+    fs::create_dir_all(t.imgs.join("sub")).unwrap();
+    let base = t.imgs.join("sub/rbase.qcow2");
+    create_qcow2(&base, "8M", "", None);
+    qemu_io(&base, &["write -P 0x71 0 4M"]);
+    let top = t.imgs.join("rtop.qcow2");
+    create_qcow2(&top, "", "", Some(("sub/rbase.qcow2", "qcow2")));
+    qemu_io(&top, &["write -P 0x72 1M 64k"]);
+    let o = exec(bin(), &["mount", "imgs/rtop.qcow2", "mnt"], Some(&t.root), Duration::from_secs(60));
+    // guard even if the mount went somewhere unexpected
+    struct G(PathBuf);
+    impl Drop for G {
+        fn drop(&mut self) {
+            force_unmount(&self.0);
+        }
+    }
+    let _g = G(t.mnt.clone());
+    assert!(o.success(), "mount with relative paths failed\n{}", o.describe());
+    assert!(is_mountpoint(&t.mnt), "relative mount point {} not mounted\n{}", t.mnt.display(), o.describe());
+    if let Err(e) = check_against_oracle(&t.mnt.join("rtop.qcow2/disk.raw"), &top, &t.scratch) {
+        panic!("{e}");
+    }
+    let o = exec(bin(), &["umount", "mnt"], Some(&t.root), Duration::from_secs(30));
+    assert!(o.success(), "snapmount umount with a relative path failed\n{}", o.describe());
+    assert!(wait_for(Duration::from_secs(10), || !is_mountpoint(&t.mnt)), "still mounted after `snapmount umount mnt`");
+}
+
+/// Spaces, '#', UTF-8 in image, backing and mount point names.
+#[test]
+fn odd_file_names() {
+    let t = setup("names");
+    let bdir = t.imgs.join("base dir");
+    fs::create_dir_all(&bdir).unwrap();
+    let base = bdir.join("base image ü.qcow2");
+    create_qcow2(&base, "8M", "", None);
+    qemu_io(&base, &["write -P 0x21 0 2M"]);
+    let top = t.imgs.join("VM disk #1 (ü).qcow2");
+    create_qcow2(&top, "", "cluster_size=4k", Some(("base dir/base image ü.qcow2", "qcow2")));
+    qemu_io(&top, &["write -P 0x22 1M 100k"]);
+    let mnt_dir = t.root.join("mount point ü");
+    let mnt = Mount::new(&[&top], &mnt_dir);
+    assert!(is_mountpoint(&mnt_dir));
+    assert_eq!(mnt.entries(), vec!["VM disk #1 (ü).qcow2"]);
+    mnt.assert_matches(&top, &t.scratch);
+    let info = mnt.info("VM disk #1 (ü).qcow2");
+    let bc = json_arr(&info, "backing_chain");
+    assert!(bc.len() == 1 && bc[0]["path"].as_str().unwrap_or("").ends_with("base dir/base image ü.qcow2"), "{info}");
+}
+
+/// Guest offsets beyond 4 GiB (32-bit overflow in index or offset arithmetic), both with
+/// 64 KiB and 512 B clusters; compared window by window (the images are mostly holes).
+#[test]
+fn offsets_beyond_4gib() {
+    let t = setup("big");
+    let src = t.scratch.join("src.raw");
+    gen_data(&src, 2 * MIB, 11);
+    let g = 1u64 << 30;
+    let regions: Vec<(u64, u64)> = vec![(4 * g - 512, 1024), (4 * g + MIB, MIB), (5 * g + 12345, 70000), (6 * g - 4096, 4096)];
+    let mut imgs = Vec::new();
+    for (name, opts) in [("big64k.qcow2", "cluster_size=64k"), ("big512.qcow2", "cluster_size=512"), ("big2m_zstd.qcow2", "cluster_size=2M,compression_type=zstd")] {
+        let img = t.imgs.join(name);
+        create_qcow2(&img, "6G", opts, None);
+        let mut cmds: Vec<String> = regions.iter().enumerate().map(|(i, (o, l))| format!("write -P {} {o} {l}", 0x30 + i)).collect();
+        cmds.push(format!("write -s {} {} {}", s(&src), 4 * g + 3 * MIB, 2 * MIB));
+        if name.contains("zstd") {
+            cmds.push(format!("write -c -s {} {} {}", s(&src), 5 * g + 64 * MIB, 2 * MIB));
+        }
+        qemu_io(&img, &cmds);
+        imgs.push(img);
+    }
+    let mnt = Mount::new(&[&t.imgs], &t.mnt);
+    let mut errs = Vec::new();
+    for img in &imgs {
+        let name = img.file_name().unwrap().to_string_lossy().into_owned();
+        let exp = t.scratch.join(format!("{name}.exp"));
+        oracle_raw(img, &exp);
+        let disk = mnt.disk(&name);
+        let size = fs::metadata(&disk).unwrap().len();
+        if size != 6 * g {
+            errs.push(format!("{name}: size {size}, expected {}", 6 * g));
+            continue;
+        }
+        let mut windows: Vec<(u64, u64)> = regions.iter().map(|(o, l)| (o.saturating_sub(MIB), l + 2 * MIB)).collect();
+        windows.push((4 * g + 2 * MIB, 4 * MIB));
+        windows.push((5 * g + 63 * MIB, 4 * MIB));
+        windows.push((0, MIB));
+        for (o, l) in windows {
+            let l = l.min(size - o.min(size));
+            let want = pread(&exp, o, l as usize).unwrap();
+            match pread(&disk, o, l as usize) {
+                Ok(got) if got == want => {}
+                Ok(got) => {
+                    let i = (0..got.len()).find(|&i| got[i] != want[i]).unwrap();
+                    errs.push(format!("{name}: window {l}@{o}: first difference at byte {}", o + i as u64));
+                }
+                Err(e) => errs.push(format!("{name}: pread {l}@{o}: {e}")),
+            }
+        }
+        // the data map above 4 GiB
+        let ranges = qemu_data_ranges(img);
+        errs.extend(check_seek(&disk, &ranges, size).into_iter().map(|e| format!("{name}: {e}")));
+        let _ = fs::remove_file(&exp);
+    }
+    if !errs.is_empty() {
+        panic!("offsets beyond 4 GiB:\n{}", errs.join("\n"));
+    }
+}
+
+/// A directory with 200 overlays sharing one base image (all mounted at once).
+#[test]
+fn many_images_in_one_directory() {
+    let t = setup("many");
+    let base_dir = t.root.join("basedir");
+    fs::create_dir_all(&base_dir).unwrap();
+    let base = base_dir.join("shared-base.qcow2");
+    create_qcow2(&base, "4M", "", None);
+    qemu_io(&base, &["write -P 0x10 0 4M"]);
+    let proto = t.scratch.join("proto.qcow2");
+    create_qcow2(&proto, "", "", Some((&s(&base), "qcow2")));
+    let n = 200;
+    for i in 0..n {
+        let p = t.imgs.join(format!("vm{i:03}.qcow2"));
+        fs::copy(&proto, &p).unwrap();
+    }
+    // give a few of them their own data
+    for i in [0usize, 57, 123, 199] {
+        qemu_io(&t.imgs.join(format!("vm{i:03}.qcow2")), &[format!("write -P {} {} 64k", i + 1, (i as u64 % 60) * 64 * KIB)]);
+    }
+    let mnt = Mount::new(&[&t.imgs], &t.mnt);
+    assert_eq!(mnt.entries().len(), n, "all {n} images should be listed");
+    let check: Vec<PathBuf> = [0usize, 1, 57, 123, 198, 199].iter().map(|i| t.imgs.join(format!("vm{i:03}.qcow2"))).collect();
+    mnt.assert_all_match(&check, &t.scratch);
+    // every disk.raw opens and reads
+    for i in 0..n {
+        let d = mnt.disk(&format!("vm{i:03}.qcow2"));
+        let b = pread(&d, 4 * MIB - 4096, 4096).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+        assert!(b.iter().all(|&x| x == 0x10), "{}: last 4k should come from the shared base", d.display());
+    }
+}
+
+/// --allow-other is passed to the kernel; without it the mount is not allow_other.
+#[test]
+fn allow_other_option() {
+    let t = setup("allowother");
+    let img = t.imgs.join("ao.qcow2");
+    create_qcow2(&img, "4M", "", None);
+    qemu_io(&img, &["write -P 0x33 0 1M"]);
+    let opts_of = |mnt: &Path| -> String {
+        let want = abs_path(mnt).to_string_lossy().into_owned();
+        let text = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        text.lines()
+            .find(|l| l.split(' ').nth(4).map(|mp| mp == want).unwrap_or(false))
+            .unwrap_or("")
+            .to_string()
+    };
+    {
+        let m1 = Mount::with_args(&["--allow-other"], &[&img], &t.root.join("mnt-ao"));
+        let line = opts_of(&m1.dir);
+        assert!(line.contains("allow_other"), "--allow-other not in mount options: {line}");
+        m1.assert_matches(&img, &t.scratch);
+    }
+    let m2 = Mount::new(&[&img], &t.root.join("mnt-default"));
+    let line = opts_of(&m2.dir);
+    assert!(!line.contains("allow_other"), "allow_other should be off by default: {line}");
 }
