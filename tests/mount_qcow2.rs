@@ -3,7 +3,10 @@
 //!
 //! Needs: qemu-utils, e2fsprogs, /dev/fuse (fuse3), and root (FUSE mounts, loop mounts).
 //! Run: `cargo test --release --test mount_qcow2 -- --test-threads=2`
-//! Randomized test: SNAPMOUNT_TEST_SEED (base seed), SNAPMOUNT_TEST_CASES (count, default 12).
+//! Randomized test: SNAPMOUNT_TEST_SEED (base seed, default 1), SNAPMOUNT_TEST_CASES (count,
+//! default 12); a failure prints the case seed and the full qemu-img/qemu-io recipe.
+//! SNAPMOUNT_TEST_KEEP=1 keeps the test directories; SNAPMOUNT_TEST_WATCHDOG_SECS (default 240)
+//! bounds how long a mount may live before its daemon is killed (a hung read fails, not hangs).
 
 mod common;
 
@@ -227,6 +230,7 @@ fn compressed_zlib_and_zstd() {
     assert_eq!(imgs.len(), 12);
     let mnt = Mount::new(&[&t.imgs], &t.mnt);
     mnt.assert_all_match_thoroughly(&imgs, &t.scratch, 60);
+    assert_seek_walks(&mnt, &imgs, &t.scratch);
     let info = mnt.info("c_zstd_odd.qcow2");
     assert_eq!(json_u64(&info, "virtual_size"), 8_325_120, "odd source rounds up to 512 in qemu-img: {info}");
 }
@@ -319,6 +323,7 @@ fn extended_l2_subclusters_over_backing() {
     assert_eq!(imgs.len(), 6);
     let mnt = Mount::new(&[&t.imgs], &t.mnt);
     mnt.assert_all_match_thoroughly(&imgs, &t.scratch, 60);
+    assert_seek_walks(&mnt, &imgs, &t.scratch);
 }
 
 // ---------------------------------------------------------------------------
@@ -352,6 +357,7 @@ fn zero_clusters_and_discard() {
     assert_eq!(imgs.len(), 5);
     let mnt = Mount::new(&[&t.imgs], &t.mnt);
     mnt.assert_all_match_thoroughly(&imgs, &t.scratch, 40);
+    assert_seek_walks(&mnt, &imgs, &t.scratch);
 }
 
 // ---------------------------------------------------------------------------
@@ -459,12 +465,16 @@ fn external_data_files() {
     let extabs = t.imgs.join("extabs.qcow2");
     create_qcow2(&extabs, "8M", &format!("data_file={},cluster_size=4k", s(&abs_data.join("abs.data"))), None);
     qemu_io(&extabs, &["write -P 0x9c 0 1M", "write -z 64k 4k"]);
+    // external data file (not raw) over a backing file: unallocated clusters fall through
+    let eb = t.imgs.join("extbacked.qcow2");
+    create_qcow2(&eb, "", "data_file=extbacked.data", Some(("ext.qcow2", "qcow2")));
+    qemu_io(&eb, &["write -P 0x9d 1536k 1M", "write -z 0 64k", "discard 4M 64k"]);
     let imgs = qcow2_files(&t.imgs);
-    assert_eq!(imgs.len(), 3);
+    assert_eq!(imgs.len(), 4);
     let mnt = Mount::new(&[&t.imgs], &t.mnt);
-    mnt.assert_all_match(&imgs, &t.scratch);
+    mnt.assert_all_match_thoroughly(&imgs, &t.scratch, 40);
     // the data files are not images: not mounted
-    assert_eq!(mnt.entries(), vec!["ext.qcow2", "extabs.qcow2", "extraw.qcow2"]);
+    assert_eq!(mnt.entries(), vec!["ext.qcow2", "extabs.qcow2", "extbacked.qcow2", "extraw.qcow2"]);
 }
 
 // ---------------------------------------------------------------------------
@@ -876,6 +886,71 @@ fn ext4_in_compressed_base_with_overlay_loop_mounts() {
 // 11. SEEK_DATA / SEEK_HOLE, st_blocks, O_DIRECT
 // ---------------------------------------------------------------------------
 
+/// Walks `disk` with SEEK_DATA/SEEK_HOLE from 0 to EOF. Checks the walk is well formed and
+/// that every byte the daemon reports as a hole is zero in `expected` (the oracle). Reporting
+/// zeros as data is allowed; reporting data as a hole would lose it for `cp --sparse` etc.
+fn seek_walk_consistent(disk: &Path, expected: &Path) -> Result<(), String> {
+    let f = File::open(disk).unwrap();
+    let exp = File::open(expected).unwrap();
+    let size = exp.metadata().unwrap().len();
+    let mut off = 0u64;
+    let mut steps = 0;
+    while off < size {
+        steps += 1;
+        if steps > 1_000_000 {
+            return Err(format!("{}: SEEK walk does not terminate", disk.display()));
+        }
+        let hole = lseek(&f, off, libc::SEEK_HOLE).map_err(|e| format!("{}: SEEK_HOLE from {off}: errno {e}", disk.display()))?;
+        if hole < off || hole > size {
+            return Err(format!("{}: SEEK_HOLE from {off} returned {hole} (size {size})", disk.display()));
+        }
+        if hole == size {
+            break;
+        }
+        let next = match lseek(&f, hole, libc::SEEK_DATA) {
+            Ok(d) if d > hole && d <= size => d,
+            Ok(d) => return Err(format!("{}: SEEK_DATA from hole {hole} returned {d} (size {size})", disk.display())),
+            Err(e) if e == libc::ENXIO => size,
+            Err(e) => return Err(format!("{}: SEEK_DATA from {hole}: errno {e}", disk.display())),
+        };
+        // hole = [hole, next): must be zeros in the oracle
+        let mut pos = hole;
+        let mut buf = vec![0u8; 1 << 20];
+        while pos < next {
+            let n = ((next - pos) as usize).min(buf.len());
+            exp.read_exact_at(&mut buf[..n], pos).unwrap();
+            if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+                return Err(format!(
+                    "{}: daemon reports a hole at [{hole}, {next}) but byte {} is {:#04x} (non-zero) in the qemu-img oracle",
+                    disk.display(),
+                    pos + i as u64,
+                    buf[i]
+                ));
+            }
+            pos += n as u64;
+        }
+        off = next;
+    }
+    Ok(())
+}
+
+/// `seek_walk_consistent` for each image; panics listing all failures.
+fn assert_seek_walks(mnt: &Mount, imgs: &[PathBuf], scratch: &Path) {
+    let mut errs = Vec::new();
+    for img in imgs {
+        let name = img.file_name().unwrap().to_string_lossy().into_owned();
+        let exp = scratch.join(format!("{name}.seek.exp"));
+        oracle_raw(img, &exp);
+        if let Err(e) = seek_walk_consistent(&mnt.disk(&name), &exp) {
+            errs.push(e);
+        }
+        let _ = fs::remove_file(&exp);
+    }
+    if !errs.is_empty() {
+        panic!("SEEK_DATA/SEEK_HOLE problems:\n{}", errs.join("\n"));
+    }
+}
+
 /// Data ranges (merged) from `qemu-img map --output=json`.
 fn qemu_data_ranges(img: &Path) -> Vec<(u64, u64)> {
     let out = qemu_img_in(img.parent().unwrap(), &["map", "--output=json", &s(img)]);
@@ -1197,6 +1272,20 @@ fn background_then(t: &T, img: &Path, tag: &str, how: &str) -> Result<(), String
                 }
             }
         }
+        "stale" => {
+            // daemon dies hard: the mount point is left stale (ENOTCONN);
+            // `snapmount umount` says it also cleans a stale mount point
+            for p in &pids {
+                unsafe {
+                    libc::kill(*p, libc::SIGKILL);
+                }
+            }
+            wait_for(Duration::from_secs(10), || pids_mentioning(&mnt).is_empty());
+            let o = snapmount(&[OsStr::new("umount"), mnt.as_os_str()]);
+            if !o.success() {
+                return Err(format!("[{tag}] snapmount umount of a stale mount point failed\n{}", o.describe()));
+            }
+        }
         _ => unreachable!(),
     }
     if !wait_for(Duration::from_secs(10), || !is_mountpoint(&mnt)) {
@@ -1225,6 +1314,7 @@ fn sigterm_sigint_umount_and_snapmount_umount() {
         background_then(&t, &img, "snapmount-umount", "snapmount-umount"),
         background_then(&t, &img, "umount", "umount"),
         background_then(&t, &img, "bg-sigterm", "sigterm"),
+        background_then(&t, &img, "stale", "stale"),
     ] {
         if let Err(e) = r {
             errs.push(e);
@@ -1390,7 +1480,15 @@ fn randomized_chains_match_qemu() {
     let mut failures = Vec::new();
     for c in &cases {
         for img in &c.images {
-            if let Err(e) = mnt.check_thoroughly(img, &t.scratch, c.seed, 30) {
+            let r = mnt.check_thoroughly(img, &t.scratch, c.seed, 30).and_then(|_| {
+                let name = img.file_name().unwrap().to_string_lossy().into_owned();
+                let exp = t.scratch.join(format!("{name}.seek.exp"));
+                oracle_raw(img, &exp);
+                let r = seek_walk_consistent(&mnt.disk(&name), &exp);
+                let _ = fs::remove_file(&exp);
+                r
+            });
+            if let Err(e) = r {
                 failures.push(format!(
                     "seed {} (reproduce: SNAPMOUNT_TEST_SEED={} SNAPMOUNT_TEST_CASES=1): {e}\nrecipe (data file = {} bytes of gen_data seed 0xda7a):\n  {}",
                     c.seed,
