@@ -76,6 +76,9 @@ for b in $blocks; do
     dd if="$top_raw" of="$work/blk$b" bs=$cluster skip="$b" count=1 status=none
     args+=(-c "write -s $work/blk$b $((b * cluster)) $cluster")
 done
+# An internal snapshot of the disk as it was before the edits, so the mount
+# also shows snapshots/before-edits/.
+qemu-img snapshot -c before-edits vm.qcow2
 qemu-io "${args[@]}" vm.qcow2 >/dev/null
 
 # --- 5. check with qemu itself -------------------------------------------------------------
@@ -90,10 +93,13 @@ cat <<EOF
 Mount it (the daemon returns once the mount is live):
   mkdir -p /tmp/snapmount-example
   snapmount mount $here/vm.qcow2 /tmp/snapmount-example      # or: cargo run --release -- mount ...
-  ls /tmp/snapmount-example/vm.qcow2/                         # disk.raw  info.json
+  ls /tmp/snapmount-example/vm.qcow2/                         # backing  disk.raw  info.json  snapshots
   # as root, look inside the filesystem:
   mkdir -p /tmp/vm-root && mount -o loop,ro /tmp/snapmount-example/vm.qcow2/disk.raw /tmp/vm-root
   cat /tmp/vm-root/etc/motd /tmp/vm-root/home/alice/added-later.txt
   umount /tmp/vm-root
+  # the disk before the edits, from the internal snapshot:
+  mount -o loop,ro /tmp/snapmount-example/vm.qcow2/snapshots/before-edits/disk.raw /tmp/vm-root
+  cat /tmp/vm-root/etc/motd; umount /tmp/vm-root
   snapmount umount /tmp/snapmount-example
 EOF
