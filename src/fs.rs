@@ -43,7 +43,7 @@ impl SnapFs {
             ctime: node.ctime,
             crtime: node.mtime,
             kind: if dir { FileType::Directory } else { FileType::RegularFile },
-            perm: if dir { 0o555 } else { 0o444 },
+            perm: node.perm,
             nlink: if dir { 2 } else { 1 },
             uid: self.uid,
             gid: self.gid,
@@ -111,10 +111,8 @@ impl Filesystem for SnapFs {
         let len = node.size().saturating_sub(offset).min(size as u64) as usize;
         match &node.content {
             Content::Dir(_) => reply.error(Errno::EISDIR),
-            Content::Bytes(b) => {
-                let start = offset.min(b.len() as u64) as usize;
-                reply.data(&b[start..start + len]);
-            }
+            Content::Bytes(b) => reply.data(slice(b, offset, len)),
+            Content::Lazy(l) => reply.data(slice(l.bytes(), offset, len)),
             Content::View(v) => {
                 let mut buf = vec![0u8; len];
                 match v.read_at(&mut buf, offset) {
@@ -161,8 +159,8 @@ impl Filesystem for SnapFs {
         let found = match (&node.content, whence) {
             (Content::View(v), libc::SEEK_DATA) => view::seek_data(v.as_ref(), from),
             (Content::View(v), libc::SEEK_HOLE) => view::seek_hole(v.as_ref(), from),
-            (Content::Bytes(b), libc::SEEK_DATA) => Ok((from < b.len() as u64).then_some(from)),
-            (Content::Bytes(b), libc::SEEK_HOLE) => Ok((from < b.len() as u64).then_some(b.len() as u64)),
+            (Content::Bytes(_) | Content::Lazy(_), libc::SEEK_DATA) => Ok((from < node.size()).then_some(from)),
+            (Content::Bytes(_) | Content::Lazy(_), libc::SEEK_HOLE) => Ok((from < node.size()).then_some(node.size())),
             _ => return reply.error(Errno::EINVAL),
         };
         match found {
@@ -196,4 +194,9 @@ impl Filesystem for SnapFs {
             reply.ok()
         }
     }
+}
+
+fn slice(bytes: &[u8], offset: u64, len: usize) -> &[u8] {
+    let start = offset.min(bytes.len() as u64) as usize;
+    &bytes[start..(start + len).min(bytes.len())]
 }

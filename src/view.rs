@@ -120,3 +120,38 @@ impl View for ZeroView {
         Ok(Extent { len: self.0.saturating_sub(offset).max(1), data: false })
     }
 }
+
+/// A byte range of another view (a file packed inside an archive stream).
+pub struct SliceView {
+    inner: Arc<dyn View>,
+    start: u64,
+    len: u64,
+}
+
+impl SliceView {
+    /// The range is clipped to the inner view's end.
+    pub fn new(inner: Arc<dyn View>, start: u64, len: u64) -> Self {
+        let len = len.min(inner.size().saturating_sub(start));
+        SliceView { inner, start, len }
+    }
+}
+
+impl View for SliceView {
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let n = self.len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[n..].fill(0);
+        if n == 0 {
+            return Ok(());
+        }
+        self.inner.read_at(&mut buf[..n], self.start + offset)
+    }
+
+    fn extent(&self, offset: u64) -> Result<Extent> {
+        let e = self.inner.extent(self.start + offset)?;
+        Ok(Extent { len: e.len.min(self.len - offset), data: e.data })
+    }
+}

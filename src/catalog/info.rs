@@ -4,7 +4,59 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
 
+use crate::format::hexz::HexzArchive;
 use crate::format::qcow2::{Qcow2Image, Snapshot};
+
+/// Pretty JSON with a final newline, as bytes of a file.
+pub fn json_text(v: &Value) -> Vec<u8> {
+    let mut text = serde_json::to_string_pretty(v).expect("JSON values serialize");
+    text.push('\n');
+    text.into_bytes()
+}
+
+pub fn hexz_info(a: &HexzArchive) -> Value {
+    let h = a.header();
+    let st = a.block_stats();
+    let mut chain = Vec::new();
+    let mut level: Vec<(String, &HexzArchive)> = a.parents().iter().map(|(n, p)| (n.clone(), p.as_ref())).collect();
+    while let Some((name, p)) = level.first().cloned() {
+        chain.push(json!({ "name": name, "path": p.path().display().to_string(), "format": "hexz" }));
+        level = p.parents().iter().map(|(n, q)| (n.clone(), q.as_ref())).collect();
+    }
+    json!({
+        "filename": a.path().display().to_string(),
+        "format": "hexz",
+        "version": h.version,
+        "compression": h.codec.name(),
+        "block_size": h.block_size,
+        "variable_blocks": h.variable_blocks,
+        "cdc": h.cdc_params.map(|(bits, min, max)| json!({
+            "fingerprint_bits": bits, "min_chunk": min, "avg_chunk": 1u64 << bits.min(63), "max_chunk": max,
+        })),
+        "streams": {
+            "main_size": a.index().main_size,
+            "auxiliary_size": a.index().aux_size,
+        },
+        "blocks": {
+            "entries": st.entries,
+            "stored": st.stored,
+            "deduplicated": st.deduplicated,
+            "sparse": st.sparse,
+            "parent_refs": st.parent_refs,
+            "stored_bytes": st.stored_bytes,
+            "logical_bytes": st.logical_bytes,
+            "unreadable_index_pages": st.unreadable_pages,
+        },
+        "encryption": h.encryption.as_ref().map(|e| json!({
+            "cipher": "aes-256-gcm", "kdf": "pbkdf2-hmac-sha256", "iterations": e.iterations,
+        })),
+        "dictionary": h.dictionary.is_some_and(|(_, len)| len > 0),
+        "signature": h.signature.is_some(),
+        "files": a.manifest().map(|m| m.files.len()),
+        "parent_paths": h.parent_paths,
+        "parent_chain": chain,
+    })
+}
 
 pub fn qcow2_info(image: &Qcow2Image, snapshot_entries: &[String]) -> Value {
     let h = image.header();

@@ -22,10 +22,11 @@ use tracing::{info, warn};
 
 use crate::cache::BlockCache;
 use crate::error::{Error, Result};
+use crate::format::hexz::{self, HexzArchive, PasswordSource, Stream};
 use crate::format::qcow2::{Backing, Qcow2Image};
 use crate::format::{self, Format};
 use crate::io::FileSource;
-use crate::view::{self, View};
+use crate::view::{self, SliceView, View};
 
 pub use info::rfc3339;
 
@@ -36,11 +37,26 @@ pub enum Content {
     Dir(BTreeMap<OsString, Ino>),
     View(Arc<dyn View>),
     Bytes(Arc<[u8]>),
+    /// Bytes made on first use (e.g. statistics that need a whole index walk).
+    Lazy(Lazy),
+}
+
+pub struct Lazy {
+    make: Box<dyn Fn() -> Vec<u8> + Send + Sync>,
+    bytes: OnceLock<Arc<[u8]>>,
+}
+
+impl Lazy {
+    pub fn bytes(&self) -> &Arc<[u8]> {
+        self.bytes.get_or_init(|| (self.make)().into())
+    }
 }
 
 pub struct Node {
     pub parent: Ino,
     pub content: Content,
+    /// Permission bits (read-only: never any write bit).
+    pub perm: u16,
     pub atime: SystemTime,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
@@ -54,6 +70,7 @@ impl Node {
             Content::Dir(_) => 0,
             Content::View(v) => v.size(),
             Content::Bytes(b) => b.len() as u64,
+            Content::Lazy(l) => l.bytes().len() as u64,
         }
     }
 
@@ -63,6 +80,7 @@ impl Node {
         *self.allocated.get_or_init(|| match &self.content {
             Content::Dir(_) => 0,
             Content::Bytes(b) => b.len() as u64,
+            Content::Lazy(l) => l.bytes().len() as u64,
             Content::View(v) => view::allocated_bytes(v.as_ref()).unwrap_or_else(|e| {
                 warn!("cannot compute allocated size: {e}");
                 0
@@ -89,9 +107,13 @@ impl Catalog {
         }
     }
 
-    /// Sum of the sizes of all files, for statfs.
+    /// Sum of the sizes of the views, for statfs.
     pub fn total_bytes(&self) -> u64 {
-        self.nodes.iter().map(|n| n.size()).fold(0u64, u64::saturating_add)
+        let views = self.nodes.iter().filter_map(|n| match &n.content {
+            Content::View(v) => Some(v.size()),
+            _ => None,
+        });
+        views.fold(0u64, u64::saturating_add)
     }
 
     pub fn len(&self) -> usize {
@@ -105,7 +127,7 @@ impl Catalog {
     /// Opens every source (an image, or a directory whose images are all
     /// taken) and lays out the tree. Any image that cannot be opened fails the
     /// whole build, so nothing half-works.
-    pub fn build(sources: &[PathBuf], cache: &Arc<BlockCache>) -> Result<Catalog> {
+    pub fn build(sources: &[PathBuf], cache: &Arc<BlockCache>, passwords: PasswordSource) -> Result<Catalog> {
         let now = SystemTime::now();
         let mut cat = Catalog { nodes: Vec::new() };
         cat.add(0, None, Content::Dir(BTreeMap::new()), (now, now, now));
@@ -126,10 +148,10 @@ impl Catalog {
                     };
                     match format::probe(&file)? {
                         Some(fmt) => {
-                            cat.add_image(&path, fmt, cache)?;
+                            cat.add_image(&path, fmt, cache, passwords)?;
                             found += 1;
                         }
-                        None => info!("skipping {}: not a qcow2 image", path.display()),
+                        None => info!("skipping {}: not a qcow2 image or HEXZ archive", path.display()),
                     }
                 }
                 if found == 0 {
@@ -138,8 +160,10 @@ impl Catalog {
             } else {
                 let file = FileSource::open(source)?;
                 match format::probe(&file)? {
-                    Some(fmt) => cat.add_image(source, fmt, cache)?,
-                    None => return Err(Error::open(source, "not a qcow2 image (unknown magic bytes)")),
+                    Some(fmt) => cat.add_image(source, fmt, cache, passwords)?,
+                    None => {
+                        return Err(Error::open(source, "not a qcow2 image or HEXZ archive (unknown magic bytes)"))
+                    }
                 }
             }
         }
@@ -148,8 +172,10 @@ impl Catalog {
 
     fn add(&mut self, parent: Ino, name: Option<&str>, content: Content, times: Times) -> Ino {
         let ino = self.nodes.len() as Ino + 1;
+        let perm = if matches!(content, Content::Dir(_)) { 0o555 } else { 0o444 };
         self.nodes.push(Node {
             parent: if parent == 0 { ino } else { parent },
+            perm,
             content,
             atime: times.0,
             mtime: times.1,
@@ -180,7 +206,7 @@ impl Catalog {
         (2..).map(|i| format!("{base}~{i}")).find(|n| !taken(n)).unwrap()
     }
 
-    fn add_image(&mut self, path: &Path, fmt: Format, cache: &Arc<BlockCache>) -> Result<()> {
+    fn add_image(&mut self, path: &Path, fmt: Format, cache: &Arc<BlockCache>, passwords: PasswordSource) -> Result<()> {
         match fmt {
             Format::Qcow2 => {
                 let image = format::open_qcow2(path, cache)?;
@@ -188,7 +214,70 @@ impl Catalog {
                 let times = image.file().times();
                 let dir = self.dir(ROOT, &name, times);
                 self.add_qcow2(dir, &image, times);
-                Ok(())
+            }
+            Format::Hexz => {
+                let archive = hexz::open_hexz(path, cache, passwords)?;
+                let name = self.unique_root_name(path);
+                let times = archive.file().times();
+                let dir = self.dir(ROOT, &name, times);
+                self.add_hexz(dir, &archive, times);
+                let ancestors = hexz_ancestors(&archive);
+                if !ancestors.is_empty() {
+                    let bdir = self.dir(dir, "backing", times);
+                    for (n, parent) in ancestors.iter().enumerate() {
+                        let file_name = parent.path().file_name().map(|f| f.as_encoded_bytes().to_vec()).unwrap_or_default();
+                        let ptimes = parent.file().times();
+                        let pdir = self.dir(bdir, &format!("{}-{}", n + 1, names::escape(&file_name)), ptimes);
+                        self.add_hexz(pdir, parent, ptimes);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// disk.raw, auxiliary.raw, files/ and info.json of one archive.
+    fn add_hexz(&mut self, dir: Ino, archive: &Arc<HexzArchive>, times: Times) {
+        let main: Arc<dyn View> = Arc::new(archive.view(Stream::Main));
+        self.add(dir, Some("disk.raw"), Content::View(main.clone()), times);
+        let aux: Option<Arc<dyn View>> =
+            archive.has_auxiliary().then(|| Arc::new(archive.view(Stream::Auxiliary)) as Arc<dyn View>);
+        if let Some(aux) = &aux {
+            self.add(dir, Some("auxiliary.raw"), Content::View(aux.clone()), times);
+        }
+        let a = archive.clone();
+        let make = move || info::json_text(&info::hexz_info(&a));
+        self.add(dir, Some("info.json"), Content::Lazy(Lazy { make: Box::new(make), bytes: OnceLock::new() }), times);
+        if let Some(manifest) = archive.manifest() {
+            let files = self.dir(dir, "files", times);
+            for entry in &manifest.files {
+                let Some(parts) = safe_components(&entry.path) else {
+                    warn!("{}: skipping manifest entry with unsafe path {:?}", archive.path().display(), entry.path);
+                    continue;
+                };
+                // hexz puts a top-level file named `memory` in the auxiliary stream.
+                let view: Arc<dyn View> = match (&aux, entry.path.as_str()) {
+                    (Some(aux), "memory") => Arc::new(SliceView::new(aux.clone(), 0, entry.size)),
+                    _ => Arc::new(SliceView::new(main.clone(), entry.offset, entry.size)),
+                };
+                let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(entry.mtime.max(0) as u64);
+                let ftimes = (when, when, when);
+                let mut parent = files;
+                for part in &parts[..parts.len() - 1] {
+                    parent = match self.lookup(parent, OsStr::new(part)) {
+                        Some(ino) if matches!(self.nodes[ino as usize - 1].content, Content::Dir(_)) => ino,
+                        Some(_) => break,
+                        None => self.dir(parent, part, times),
+                    };
+                }
+                let leaf = parts[parts.len() - 1];
+                if self.lookup(parent, OsStr::new(leaf)).is_some() {
+                    warn!("{}: duplicate manifest entry {:?} skipped", archive.path().display(), entry.path);
+                    continue;
+                }
+                let ino = self.add(parent, Some(leaf), Content::View(view), ftimes);
+                let perm = if entry.mode == 0 { 0o444 } else { (entry.mode & 0o7555) as u16 };
+                self.nodes[ino as usize - 1].perm = perm;
             }
         }
     }
@@ -245,9 +334,31 @@ impl Catalog {
 }
 
 fn json_bytes(v: &serde_json::Value) -> Content {
-    let mut text = serde_json::to_string_pretty(v).expect("JSON values serialize");
-    text.push('\n');
-    Content::Bytes(text.into_bytes().into())
+    Content::Bytes(info::json_text(v).into())
+}
+
+/// Parents, grandparents, ... of an archive, nearest first, each once.
+fn hexz_ancestors(archive: &Arc<HexzArchive>) -> Vec<Arc<HexzArchive>> {
+    let mut out: Vec<Arc<HexzArchive>> = Vec::new();
+    let mut todo: Vec<Arc<HexzArchive>> = archive.parents().iter().rev().map(|(_, p)| p.clone()).collect();
+    while let Some(a) = todo.pop() {
+        if out.iter().any(|x| Arc::ptr_eq(x, &a)) {
+            continue;
+        }
+        todo.extend(a.parents().iter().rev().map(|(_, p)| p.clone()));
+        out.push(a);
+    }
+    out
+}
+
+/// The components of a manifest path, or `None` if it is not a plain
+/// relative path (empty, absolute, `.`/`..`, NUL, overlong components).
+fn safe_components(path: &str) -> Option<Vec<&str>> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let ok = !parts.is_empty()
+        && !path.starts_with('/')
+        && parts.iter().all(|p| *p != "." && *p != ".." && !p.contains('\0') && p.len() <= 255);
+    ok.then_some(parts)
 }
 
 /// Regular files directly inside `dir`, sorted by name so directory names

@@ -28,7 +28,9 @@ pub fn mount(args: MountArgs) -> Result<()> {
     check_fuse_device()?;
 
     let cache = Arc::new(BlockCache::new(args.cache_size));
-    let catalog = Arc::new(Catalog::build(sources, &cache)?);
+    let password_file = args.password_file.clone();
+    let passwords = move |archive: &Path| super::password::password_for(password_file.as_ref(), archive);
+    let catalog = Arc::new(Catalog::build(sources, &cache, &passwords)?);
     info!("{} entries ready; mounting on {}", catalog.len(), mountpoint.display());
 
     let mut config = Config::default();

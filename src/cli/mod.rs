@@ -1,6 +1,7 @@
 //! The `snapmount` command line: argument parsing and the commands.
 
 mod daemon;
+mod password;
 mod size;
 mod umount;
 
@@ -50,6 +51,10 @@ pub struct MountArgs {
     /// FUSE worker threads (default: 2 per CPU, at least 4).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Read the password of encrypted HEXZ archives from this file
+    /// (else SNAPMOUNT_PASSWORD, else a prompt on the terminal).
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
     /// Write the daemon's log to this file (in the background; default: no log).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,

@@ -1,5 +1,6 @@
 //! Image formats, found by their magic bytes, and the opening of backing chains.
 
+pub mod hexz;
 pub mod qcow2;
 
 use std::path::{Path, PathBuf};
@@ -21,12 +22,14 @@ pub const MAX_CHAIN_DEPTH: usize = 64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     Qcow2,
+    Hexz,
 }
 
 impl Format {
     pub fn name(self) -> &'static str {
         match self {
             Format::Qcow2 => "qcow2",
+            Format::Hexz => "hexz",
         }
     }
 }
@@ -35,7 +38,11 @@ impl Format {
 pub fn probe(file: &FileSource) -> Result<Option<Format>> {
     let mut magic = [0u8; 4];
     file.read_at(&mut magic, 0)?;
-    Ok((magic == qcow2::MAGIC).then_some(Format::Qcow2))
+    Ok(match magic {
+        qcow2::MAGIC => Some(Format::Qcow2),
+        hexz::MAGIC => Some(Format::Hexz),
+        _ => None,
+    })
 }
 
 /// Opens a qcow2 image and, recursively, its backing chain.

@@ -1,0 +1,593 @@
+//! A HEXZ archive opened for reading: its index, its key, its parents, and
+//! the views of its two streams.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use tracing::warn;
+use zstd::zstd_safe::DDict;
+
+use crate::cache::{BlockCache, BlockKey, BlockKind};
+use crate::error::{Error, Result};
+use crate::io::FileSource;
+use crate::view::{Extent, View};
+
+use super::codec::{self, Key, MAX_BLOCK};
+use super::header::{Codec, Header, HEADER_SIZE, MAGIC};
+use super::index::{self, BlockInfo, MasterIndex, PageEntry, BLOCK_INFO_SIZE, LEGACY_BLOCK_INFO_SIZE};
+use super::manifest::Manifest;
+
+/// Archives in one parent chain, counted over the whole tree of parents.
+pub const MAX_CHAIN: usize = 64;
+/// hexz's own reader refuses fewer iterations; more than this would make a
+/// hostile header stall the mount for minutes.
+const MIN_ITERATIONS: u32 = 100_000;
+const MAX_ITERATIONS: u32 = 20_000_000;
+const MAX_METADATA: u32 = 64 << 20;
+const MAX_DICTIONARY: u32 = 16 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Main,
+    Auxiliary,
+}
+
+/// Supplies the password of an encrypted archive (asked once per archive).
+pub type PasswordSource<'a> = &'a dyn Fn(&Path) -> std::result::Result<String, String>;
+
+/// Where a content hash is found in an archive's own blocks.
+#[derive(Clone, Copy)]
+enum Located {
+    Stored { global: u64, info: BlockInfo },
+    Zero { len: u32 },
+}
+
+pub struct HexzArchive {
+    path: PathBuf,
+    file: Arc<FileSource>,
+    header: Header,
+    index: MasterIndex,
+    cache: Arc<BlockCache>,
+    key: Option<Key>,
+    dict: Option<DDict<'static>>,
+    manifest: Option<Manifest>,
+    parents: Vec<(String, Arc<HexzArchive>)>,
+    /// Parents, grandparents, ... once each, nearest first: where parent
+    /// references are looked up.
+    ancestors: Vec<Arc<HexzArchive>>,
+    /// Content hash -> own block, built on the first parent lookup.
+    hashes: OnceLock<HashMap<[u8; 32], Located>>,
+}
+
+/// A run of a stream: a block, or a stretch no block covers.
+enum Piece {
+    Block { start: u64, global: u64, info: BlockInfo },
+    Uncovered { start: u64, end: u64 },
+}
+
+impl HexzArchive {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn file(&self) -> &Arc<FileSource> {
+        &self.file
+    }
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+    pub fn index(&self) -> &MasterIndex {
+        &self.index
+    }
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.manifest.as_ref()
+    }
+    pub fn parents(&self) -> &[(String, Arc<HexzArchive>)] {
+        &self.parents
+    }
+
+    pub fn stream_size(&self, stream: Stream) -> u64 {
+        match stream {
+            Stream::Main => self.index.main_size,
+            Stream::Auxiliary => self.index.aux_size,
+        }
+    }
+
+    fn pages(&self, stream: Stream) -> &[PageEntry] {
+        match stream {
+            Stream::Main => &self.index.main_pages,
+            Stream::Auxiliary => &self.index.aux_pages,
+        }
+    }
+
+    pub fn has_auxiliary(&self) -> bool {
+        self.index.aux_size > 0 || !self.index.aux_pages.is_empty()
+    }
+
+    pub fn view(self: &Arc<Self>, stream: Stream) -> StreamView {
+        StreamView { archive: self.clone(), stream }
+    }
+
+    /// The block entries of one index page, from the cache or the file.
+    fn page(&self, entry: &PageEntry) -> Result<Arc<[u8]>> {
+        let key = BlockKey { file: self.file.id(), kind: BlockKind::Table, offset: entry.offset };
+        let page = self.cache.get_or_load(key, || {
+            if entry.offset.checked_add(entry.length as u64).is_none_or(|e| e > self.file.len()) {
+                return Err(self.corrupt(entry.start_logical, "index page runs past the end of the file"));
+            }
+            let mut raw = vec![0u8; entry.length as usize];
+            self.file.read_at(&mut raw, entry.offset)?;
+            Ok(raw)
+        })?;
+        if index::page_count(&page, BLOCK_INFO_SIZE).is_none() {
+            return Err(self.corrupt(entry.start_logical, "index page length does not match its entry count"));
+        }
+        Ok(page)
+    }
+
+    fn corrupt(&self, offset: u64, msg: impl Into<String>) -> Error {
+        Error::corrupt(&self.path, offset, msg)
+    }
+
+    /// The pieces covering `[from, to)` of a stream, in order.
+    fn pieces(&self, stream: Stream, from: u64, to: u64, mut each: impl FnMut(Piece) -> Result<bool>) -> Result<()> {
+        let pages = self.pages(stream);
+        let first = pages.partition_point(|p| p.start_logical <= from).saturating_sub(1);
+        let mut pos = from;
+        for entry in pages.iter().skip(first) {
+            if pos >= to {
+                return Ok(());
+            }
+            if entry.start_logical > pos {
+                let end = entry.start_logical.min(to);
+                if !each(Piece::Uncovered { start: pos, end })? {
+                    return Ok(());
+                }
+                pos = end;
+                if pos >= to {
+                    return Ok(());
+                }
+            }
+            let page = self.page(entry)?;
+            let mut start = entry.start_logical;
+            for (j, raw) in page[8..].chunks_exact(BLOCK_INFO_SIZE as usize).enumerate() {
+                let info = BlockInfo::parse(raw);
+                let end = start.saturating_add(info.logical_len as u64);
+                if end > pos && info.logical_len > 0 {
+                    if start >= to {
+                        return Ok(());
+                    }
+                    let global = entry.start_block.wrapping_add(j as u64);
+                    if !each(Piece::Block { start, global, info })? {
+                        return Ok(());
+                    }
+                    pos = end;
+                }
+                start = end;
+            }
+            pos = pos.max(start);
+        }
+        if pos < to {
+            each(Piece::Uncovered { start: pos, end: to })?;
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes of a stream at `offset`; past the declared
+    /// size, zeros.
+    pub fn read_stream(&self, stream: Stream, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = self.stream_size(stream);
+        let n = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[n..].fill(0);
+        let end = offset + n as u64;
+        self.pieces(stream, offset, end, |piece| {
+            let (start, bytes_end) = match &piece {
+                Piece::Block { start, info, .. } => (*start, start + info.logical_len as u64),
+                Piece::Uncovered { start, end } => (*start, *end),
+            };
+            let lo = start.max(offset);
+            let hi = bytes_end.min(end);
+            let dst = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
+            match piece {
+                Piece::Uncovered { .. } => self.read_uncovered(stream, dst, lo)?,
+                Piece::Block { start, global, info } => {
+                    let within = (lo - start) as usize;
+                    if info.is_sparse() {
+                        dst.fill(0);
+                    } else {
+                        let block = self.block_bytes(global, &info, start)?;
+                        dst.copy_from_slice(&block[within..within + dst.len()]);
+                    }
+                }
+            }
+            Ok(true)
+        })
+    }
+
+    /// What no block covers: the parents' bytes at the same offset (as hexz
+    /// does), else zeros.
+    fn read_uncovered(&self, stream: Stream, buf: &mut [u8], offset: u64) -> Result<()> {
+        match self.parents.first() {
+            Some((_, parent)) => parent.read_stream(stream, buf, offset),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// The bytes of a block: its own, or a parent's for a parent reference.
+    fn block_bytes(&self, global: u64, info: &BlockInfo, logical: u64) -> Result<Arc<[u8]>> {
+        if info.is_parent_ref() {
+            return self.resolve_parent(info, logical);
+        }
+        self.stored_block(global, info, logical)
+    }
+
+    fn stored_block(&self, global: u64, info: &BlockInfo, logical: u64) -> Result<Arc<[u8]>> {
+        if info.logical_len > MAX_BLOCK {
+            return Err(self.corrupt(logical, format!("block of {} bytes (limit {MAX_BLOCK})", info.logical_len)));
+        }
+        // Deduplicated entries share an offset: the block is cached once.
+        let key = BlockKey { file: self.file.id(), kind: BlockKind::Decompressed, offset: info.offset };
+        let block = self.cache.get_or_load(key, || self.decode(global, info, logical))?;
+        if block.len() != info.logical_len as usize {
+            // Two entries sharing an offset with different sizes: only in a damaged index.
+            return self.decode(global, info, logical).map(Arc::from);
+        }
+        Ok(block)
+    }
+
+    fn decode(&self, global: u64, info: &BlockInfo, logical: u64) -> Result<Vec<u8>> {
+        if info.offset.checked_add(info.length as u64).is_none_or(|e| e > self.file.len()) {
+            return Err(self.corrupt(logical, format!("block at {:#x} runs past the end of the file", info.offset)));
+        }
+        let mut stored = vec![0u8; info.length as usize];
+        self.file.read_at(&mut stored, info.offset)?;
+        let crc = crc32fast::hash(&stored);
+        if crc != info.checksum {
+            return Err(self.corrupt(
+                logical,
+                format!("block at {:#x}: CRC32 {crc:08x} does not match the index ({:08x})", info.offset, info.checksum),
+            ));
+        }
+        let plain = match &self.key {
+            Some(key) => key.decrypt(global, &stored).map_err(|m| self.corrupt(logical, m))?,
+            None => stored,
+        };
+        let mut out = vec![0u8; info.logical_len as usize];
+        codec::decompress(self.header.codec, self.dict.as_ref(), &plain, &mut out)
+            .map_err(|m| self.corrupt(logical, format!("block at {:#x}: {m}", info.offset)))?;
+        Ok(out)
+    }
+
+    fn hash_index(&self) -> &HashMap<[u8; 32], Located> {
+        self.hashes.get_or_init(|| {
+            let mut map = HashMap::new();
+            for stream in [Stream::Main, Stream::Auxiliary] {
+                for entry in self.pages(stream) {
+                    let page = match self.page(entry) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            warn!("{e}; its blocks cannot serve parent references");
+                            continue;
+                        }
+                    };
+                    for (j, raw) in page[8..].chunks_exact(BLOCK_INFO_SIZE as usize).enumerate() {
+                        let info = BlockInfo::parse(raw);
+                        if info.hash == [0; 32] || info.is_parent_ref() {
+                            continue;
+                        }
+                        let located = if info.is_sparse() {
+                            Located::Zero { len: info.logical_len }
+                        } else {
+                            Located::Stored { global: entry.start_block.wrapping_add(j as u64), info }
+                        };
+                        map.entry(info.hash).or_insert(located);
+                    }
+                }
+            }
+            map
+        })
+    }
+
+    /// Finds a parent reference's content by hash in the parents, then
+    /// their parents, and so on (hexz 0.8.2 stops at the first level and
+    /// returns zeros; a reference nobody holds is an error here).
+    fn resolve_parent(&self, info: &BlockInfo, logical: u64) -> Result<Arc<[u8]>> {
+        for ancestor in &self.ancestors {
+            match ancestor.hash_index().get(&info.hash) {
+                Some(Located::Stored { global, info: found }) if found.logical_len == info.logical_len => {
+                    return ancestor.stored_block(*global, found, logical);
+                }
+                Some(Located::Zero { len }) if *len == info.logical_len => {
+                    return Ok(vec![0u8; *len as usize].into());
+                }
+                _ => {}
+            }
+        }
+        let hash: String = info.hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        Err(self.corrupt(logical, format!("block {hash}… is referenced from a parent archive, but no parent holds it")))
+    }
+
+    fn extent(&self, stream: Stream, offset: u64) -> Result<Extent> {
+        let size = self.stream_size(stream);
+        let mut found = Extent { len: size - offset, data: false };
+        self.pieces(stream, offset, size, |piece| {
+            found = match piece {
+                Piece::Block { start, info, .. } => {
+                    Extent { len: start + info.logical_len as u64 - offset, data: !info.is_sparse() }
+                }
+                Piece::Uncovered { end, .. } => match self.parents.first() {
+                    Some((_, p)) if offset < p.stream_size(stream) => {
+                        let e = p.extent(stream, offset)?;
+                        Extent { len: e.len.min(end - offset), data: e.data }
+                    }
+                    _ => Extent { len: end - offset, data: false },
+                },
+            };
+            Ok(false)
+        })?;
+        found.len = found.len.clamp(1, size - offset);
+        Ok(found)
+    }
+}
+
+/// One stream of an archive as a view.
+pub struct StreamView {
+    archive: Arc<HexzArchive>,
+    stream: Stream,
+}
+
+impl View for StreamView {
+    fn size(&self) -> u64 {
+        self.archive.stream_size(self.stream)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.archive.read_stream(self.stream, buf, offset)
+    }
+
+    fn extent(&self, offset: u64) -> Result<Extent> {
+        self.archive.extent(self.stream, offset)
+    }
+}
+
+/// Opens an archive and its parents. `passwords` is asked for each
+/// encrypted archive met.
+pub fn open_hexz(path: &Path, cache: &Arc<BlockCache>, passwords: PasswordSource) -> Result<Arc<HexzArchive>> {
+    let mut opened = Vec::new();
+    open_in_chain(path, cache, passwords, &mut Vec::new(), &mut opened)
+}
+
+fn open_in_chain(
+    path: &Path,
+    cache: &Arc<BlockCache>,
+    passwords: PasswordSource,
+    chain: &mut Vec<PathBuf>,
+    opened: &mut Vec<(PathBuf, Arc<HexzArchive>)>,
+) -> Result<Arc<HexzArchive>> {
+    let bad = |msg: String| Error::open(path, msg);
+    let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
+    if chain.contains(&canonical) {
+        return Err(bad("parent chain loops back to this archive".into()));
+    }
+    // A parent shared by two children is opened once.
+    if let Some((_, a)) = opened.iter().find(|(p, _)| *p == canonical) {
+        return Ok(a.clone());
+    }
+    if opened.len() >= MAX_CHAIN {
+        return Err(bad(format!("parent chain of more than {MAX_CHAIN} archives")));
+    }
+    let file = Arc::new(FileSource::open(path)?);
+    let mut block = vec![0u8; HEADER_SIZE];
+    file.read_at(&mut block, 0)?;
+    if block[0..4] != MAGIC {
+        return Err(bad("not a HEXZ archive (no HEXZ magic)".into()));
+    }
+    let index_offset = u64::from_le_bytes(block[12..20].try_into().unwrap());
+    let index = read_master(&file, index_offset).map_err(|m| bad(format!("bad index: {m}")))?;
+    refuse_legacy(&file, &index).map_err(bad)?;
+    let header = Header::parse(&block).map_err(|m| bad(format!("bad header: {m}")))?;
+
+    let dict = match header.dictionary {
+        Some((off, len)) if len > 0 && header.codec == Codec::Zstd => {
+            if len > MAX_DICTIONARY || off.checked_add(len as u64).is_none_or(|e| e > file.len()) {
+                return Err(bad("bad header: zstd dictionary out of the file".into()));
+            }
+            let mut raw = vec![0u8; len as usize];
+            file.read_at(&mut raw, off)?;
+            Some(DDict::create(&raw))
+        }
+        _ => None,
+    };
+    let manifest = match header.metadata {
+        Some((off, len)) if len > 0 => {
+            if len > MAX_METADATA || off.checked_add(len as u64).is_none_or(|e| e > file.len()) {
+                return Err(bad("bad header: metadata out of the file".into()));
+            }
+            let mut raw = vec![0u8; len as usize];
+            file.read_at(&mut raw, off)?;
+            Manifest::parse(&raw)
+        }
+        _ => None,
+    };
+
+    chain.push(canonical.clone());
+    let mut parents = Vec::new();
+    for name in &header.parent_paths {
+        let parent_path = resolve_parent_path(path, name)?;
+        let parent = open_in_chain(&parent_path, cache, passwords, chain, opened)?;
+        parents.push((name.clone(), parent));
+    }
+    chain.pop();
+    let mut ancestors: Vec<Arc<HexzArchive>> = Vec::new();
+    for (_, p) in &parents {
+        for a in std::iter::once(p).chain(p.ancestors.iter()) {
+            if !ancestors.iter().any(|x| Arc::ptr_eq(x, a)) {
+                ancestors.push(a.clone());
+            }
+        }
+    }
+
+    let mut archive = HexzArchive {
+        path: path.to_path_buf(),
+        file,
+        header,
+        index,
+        cache: cache.clone(),
+        key: None,
+        dict,
+        manifest,
+        parents,
+        ancestors,
+        hashes: OnceLock::new(),
+    };
+    if let Some(enc) = archive.header.encryption.clone() {
+        if !(MIN_ITERATIONS..=MAX_ITERATIONS).contains(&enc.iterations) {
+            return Err(bad(format!(
+                "encryption with {} PBKDF2 iterations (accepted: {MIN_ITERATIONS} to {MAX_ITERATIONS})",
+                enc.iterations
+            )));
+        }
+        let password = passwords(path).map_err(|m| bad(format!("encrypted archive: {m}")))?;
+        archive.key = Some(Key::derive(password.as_bytes(), &enc.salt, enc.iterations));
+        archive.check_password()?;
+    }
+    let archive = Arc::new(archive);
+    opened.push((canonical, archive.clone()));
+    Ok(archive)
+}
+
+/// What the index says about an archive's blocks (for info.json).
+#[derive(Debug, Default)]
+pub struct BlockStats {
+    pub entries: u64,
+    pub stored: u64,
+    pub deduplicated: u64,
+    pub sparse: u64,
+    pub parent_refs: u64,
+    pub stored_bytes: u64,
+    pub logical_bytes: u64,
+    pub unreadable_pages: u64,
+}
+
+impl HexzArchive {
+    /// Walks every index page once.
+    pub fn block_stats(&self) -> BlockStats {
+        let mut st = BlockStats::default();
+        let mut offsets = std::collections::HashSet::new();
+        for stream in [Stream::Main, Stream::Auxiliary] {
+            for entry in self.pages(stream) {
+                let Ok(page) = self.page(entry) else {
+                    st.unreadable_pages += 1;
+                    continue;
+                };
+                for raw in page[8..].chunks_exact(BLOCK_INFO_SIZE as usize) {
+                    let info = BlockInfo::parse(raw);
+                    st.entries += 1;
+                    st.logical_bytes += info.logical_len as u64;
+                    if info.is_parent_ref() {
+                        st.parent_refs += 1;
+                    } else if info.is_sparse() {
+                        st.sparse += 1;
+                    } else if offsets.insert(info.offset) {
+                        st.stored += 1;
+                        st.stored_bytes += info.length as u64;
+                    } else {
+                        st.deduplicated += 1;
+                    }
+                }
+            }
+        }
+        st
+    }
+
+    /// Decrypts the first stored block: a wrong password fails the GCM tag.
+    fn check_password(&self) -> Result<()> {
+        for stream in [Stream::Main, Stream::Auxiliary] {
+            for entry in self.pages(stream) {
+                let page = self.page(entry)?;
+                for (j, raw) in page[8..].chunks_exact(BLOCK_INFO_SIZE as usize).enumerate() {
+                    let info = BlockInfo::parse(raw);
+                    if info.is_parent_ref() || info.is_sparse() {
+                        continue;
+                    }
+                    let mut stored = vec![0u8; (info.length as u64).min(self.file.len()) as usize];
+                    self.file.read_at(&mut stored, info.offset)?;
+                    let key = self.key.as_ref().expect("checked only with a key");
+                    return key
+                        .decrypt(entry.start_block.wrapping_add(j as u64), &stored)
+                        .map(|_| ())
+                        .map_err(|_| Error::open(&self.path, "wrong password (the first block does not decrypt)"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the master index field by field: metadata and a signature may
+/// follow it, and counts are checked against the file before reading.
+fn read_master(file: &FileSource, offset: u64) -> std::result::Result<MasterIndex, String> {
+    let len = file.len();
+    if offset < HEADER_SIZE as u64 || offset >= len {
+        return Err(format!("index offset {offset:#x} is outside the file"));
+    }
+    let read = |at: u64, n: u64| -> std::result::Result<Vec<u8>, String> {
+        if at.checked_add(n).is_none_or(|e| e > len) {
+            return Err("master index runs past the end of the file".into());
+        }
+        let mut buf = vec![0u8; n as usize];
+        file.read_at(&mut buf, at).map_err(|e| e.to_string())?;
+        Ok(buf)
+    };
+    let main_count = u64::from_le_bytes(read(offset, 8)?.try_into().unwrap());
+    let main_bytes = main_count.checked_mul(index::PAGE_ENTRY_SIZE).ok_or("page count overflows")?;
+    let aux_at = offset.checked_add(8 + main_bytes).ok_or("page count overflows")?;
+    let aux_count = u64::from_le_bytes(read(aux_at, 8)?.try_into().unwrap());
+    let aux_bytes = aux_count.checked_mul(index::PAGE_ENTRY_SIZE).ok_or("page count overflows")?;
+    let total = (8 + main_bytes).checked_add(8 + aux_bytes + 16).ok_or("page count overflows")?;
+    index::parse_master(&read(offset, total)?)
+}
+
+/// Archives from hexz before 0.5 carry the same version number but 20-byte
+/// block entries: recognised by their first index page, and refused.
+fn refuse_legacy(file: &FileSource, index: &MasterIndex) -> std::result::Result<(), String> {
+    let Some(entry) = index.main_pages.first().or(index.aux_pages.first()) else {
+        return Ok(());
+    };
+    let mut count = [0u8; 8];
+    file.read_at(&mut count, entry.offset).map_err(|e| e.to_string())?;
+    let n = u64::from_le_bytes(count);
+    let fits = |size: u64| n.checked_mul(size).and_then(|b| b.checked_add(8)) == Some(entry.length as u64);
+    if fits(LEGACY_BLOCK_INFO_SIZE) && !fits(BLOCK_INFO_SIZE) {
+        return Err("archive written by hexz before 0.5 (20-byte block entries); snapmount reads the format of hexz 0.5 and later; repack it with a current hexz".into());
+    }
+    Ok(())
+}
+
+/// Parent paths: absolute as stored; relative ones against the child's
+/// directory, then the current directory (hexz's tools disagree; this
+/// finds what any of them would).
+fn resolve_parent_path(child: &Path, name: &str) -> Result<PathBuf> {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        if p.exists() {
+            return Ok(p.to_path_buf());
+        }
+        return Err(Error::open(child, format!("parent archive '{name}' not found")));
+    }
+    let dir = child.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let beside = dir.join(p);
+    if beside.exists() {
+        return Ok(beside);
+    }
+    if p.exists() {
+        return Ok(std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
+    }
+    Err(Error::open(
+        child,
+        format!("parent archive '{name}' not found (looked for {} and ./{name})", beside.display()),
+    ))
+}
