@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use snapmount::cache::BlockCache;
+use snapmount::format::hexz::{open_hexz, Stream};
 use snapmount::format::open_qcow2;
 use snapmount::view::{self, View};
 
@@ -89,16 +90,26 @@ fn damaged_images_never_panic_or_hang() {
         qemu-img snapshot -c v2s v2.qcow2
     "#);
     let originals: Vec<PathBuf> = ["zstd.qcow2", "ext.qcow2", "v2.qcow2"].iter().map(|n| dir.join(n)).collect();
+    damage_and_read(&originals, dir, exercise, &["base.qcow2"]);
+}
+
+/// Damages copies of `originals` (seeded) and runs `read` on each in a
+/// thread: it must return (Ok or an error naming a file), never panic or hang.
+fn damage_and_read(originals: &[PathBuf], dir: &Path, read: fn(&Path) -> Result<(), String>, also_named: &[&str]) {
     for seed in seeds() {
         let mut rng = Rng(seed);
         let original = &originals[(seed % originals.len() as u64) as usize];
         let mut bytes = std::fs::read(original).unwrap();
-        // Most damage goes to the metadata at the front (header, L1, L2,
-        // snapshot table); some anywhere.
+        // Most damage goes to metadata: at the front (qcow2 header, L1, L2,
+        // snapshot table; HEXZ header) and at the end (HEXZ index); some anywhere.
         let hits = 1 + rng.below(12);
+        let len = bytes.len() as u64;
         for _ in 0..hits {
-            let span = if rng.below(4) == 0 { bytes.len() as u64 } else { (64 << 10).min(bytes.len() as u64) };
-            let at = rng.below(span) as usize;
+            let at = match rng.below(3) {
+                0 => rng.below(len),
+                1 => rng.below((64 << 10).min(len)),
+                _ => len - 1 - rng.below((64 << 10).min(len)),
+            } as usize;
             match rng.below(3) {
                 0 => bytes[at] ^= 1 << rng.below(8),
                 1 => bytes[at] = rng.next() as u8,
@@ -110,23 +121,62 @@ fn damaged_images_never_panic_or_hang() {
                 }
             }
         }
-        let damaged = dir.join(format!("damaged-{seed}.qcow2"));
+        let ext = original.extension().unwrap().to_str().unwrap();
+        let damaged = dir.join(format!("damaged-{seed}.{ext}"));
         std::fs::write(&damaged, &bytes).unwrap();
         let (tx, rx) = mpsc::channel();
         let p = damaged.clone();
         std::thread::spawn(move || {
-            let r = std::panic::catch_unwind(|| exercise(&p));
+            let r = std::panic::catch_unwind(|| read(&p));
             let _ = tx.send(r);
         });
         match rx.recv_timeout(Duration::from_secs(60)) {
             Err(_) => panic!("seed {seed}: reading {} hung for 60 s", damaged.display()),
             Ok(Err(_)) => panic!("seed {seed}: the reader panicked on {} (rerun with SNAPMOUNT_TEST_SEED={seed})", damaged.display()),
             Ok(Ok(Err(msg))) => assert!(
-                msg.contains(damaged.to_str().unwrap()) || msg.contains("base.qcow2"),
+                msg.contains(damaged.to_str().unwrap()) || also_named.iter().any(|n| msg.contains(n)),
                 "seed {seed}: error does not name the file: {msg}"
             ),
             Ok(Ok(Ok(()))) => {}
         }
         std::fs::remove_file(&damaged).unwrap();
     }
+}
+
+fn exercise_hexz(path: &Path) -> Result<(), String> {
+    let cache = Arc::new(BlockCache::new(16 << 20));
+    let no_password = |_: &Path| Err("no password in this test".to_string());
+    let archive = open_hexz(path, &cache, &no_password).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 1 << 20];
+    for stream in [Stream::Main, Stream::Auxiliary] {
+        let v = archive.view(stream);
+        let mut pos = 0u64;
+        let mut reads = 0;
+        while pos < v.size() && reads < 96 {
+            let _ = v.read_at(&mut buf, pos);
+            pos = pos.saturating_add(if reads < 64 { 1 << 20 } else { v.size() / 32 + 1 });
+            reads += 1;
+        }
+        let _ = view::allocated_bytes(&v);
+    }
+    let _ = archive.block_stats();
+    Ok(())
+}
+
+#[test]
+fn damaged_hexz_archives_never_panic_or_hang() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    sh(dir, r#"
+        head -c 1M /dev/urandom > rnd.bin
+        { head -c 300k rnd.bin; yes 'some text that compresses' | head -c 700k; head -c 200k /dev/zero; } > disk.raw
+        hexz pack -s disk.raw lz4.hxz
+        hexz pack -s disk.raw zstd.hxz --compression zstd --workers 1
+        { head -c 100 rnd.bin; cat disk.raw; } > child.raw
+        hexz pack -s child.raw thin.hxz --base lz4.hxz
+        mkdir tree; cp rnd.bin tree/a; head -c 5000 disk.raw > tree/memory
+        hexz pack -s tree tree.hxz
+    "#);
+    let originals: Vec<PathBuf> = ["lz4.hxz", "zstd.hxz", "thin.hxz", "tree.hxz"].iter().map(|n| dir.join(n)).collect();
+    damage_and_read(&originals, dir, exercise_hexz, &["lz4.hxz"]);
 }
