@@ -169,7 +169,7 @@ fn damaged_hexz_archives_never_panic_or_hang() {
     let dir = tmp.path();
     sh(dir, r#"
         head -c 1M /dev/urandom > rnd.bin
-        { head -c 300k rnd.bin; yes 'some text that compresses' | head -c 700k; head -c 200k /dev/zero; } > disk.raw
+        { head -c 300k rnd.bin; head -c 700k < <(yes 'some text that compresses'); head -c 200k /dev/zero; } > disk.raw
         hexz pack -s disk.raw lz4.hxz
         hexz pack -s disk.raw zstd.hxz --compression zstd --workers 1
         { head -c 100 rnd.bin; cat disk.raw; } > child.raw
