@@ -113,3 +113,32 @@ fn qcow2_and_hexz_side_by_side() {
     let want = sums.lines().find(|l| l.ends_with("  zstd.hxz/disk.raw")).unwrap().split_once("  ").unwrap().0;
     assert_eq!(sha256(&m.disk("vm.hxz")), want);
 }
+
+#[test]
+fn a_parent_loop_or_a_missing_parent_fails_the_mount() {
+    preflight();
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let refused = |src: &Path, words: &[&str]| {
+        let o = snapmount(&[std::ffi::OsStr::new("mount"), src.as_os_str(), mnt.as_os_str()]);
+        assert!(!o.success(), "mounting {} must fail", src.display());
+        let err = o.stderr.trim().to_string();
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        for w in words {
+            assert!(err.contains(w), "{err:?} lacks {w:?}");
+        }
+        assert!(!is_mountpoint(&mnt));
+    };
+    // child.hxz names "base.hxz" as its parent: a copy of it under that name
+    // is its own parent.
+    let looped = tmp.path().join("loop");
+    std::fs::create_dir_all(&looped).unwrap();
+    std::fs::copy(fixtures().join("child.hxz"), looped.join("base.hxz")).unwrap();
+    refused(&looped.join("base.hxz"), &["base.hxz", "loops"]);
+    // Alone, child.hxz has no parent to read from.
+    let alone = tmp.path().join("alone");
+    std::fs::create_dir_all(&alone).unwrap();
+    std::fs::copy(fixtures().join("child.hxz"), alone.join("child.hxz")).unwrap();
+    refused(&alone.join("child.hxz"), &["child.hxz", "parent archive 'base.hxz'", "not found"]);
+}
