@@ -21,15 +21,22 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 /// Largest read the kernel is asked to send (max_pages 256 with 4 KiB pages).
 pub const MAX_READ: u32 = 1 << 20;
 
+/// Who owns the files and which permission bits are masked off.
+#[derive(Clone, Copy, Debug)]
+pub struct Ownership {
+    pub uid: u32,
+    pub gid: u32,
+    pub umask: u16,
+}
+
 pub struct SnapFs {
     catalog: Arc<Catalog>,
-    uid: u32,
-    gid: u32,
+    owner: Ownership,
 }
 
 impl SnapFs {
-    pub fn new(catalog: Arc<Catalog>, uid: u32, gid: u32) -> Self {
-        SnapFs { catalog, uid, gid }
+    pub fn new(catalog: Arc<Catalog>, owner: Ownership) -> Self {
+        SnapFs { catalog, owner }
     }
 
     fn attr(&self, ino: Ino, node: &Node) -> FileAttr {
@@ -43,10 +50,10 @@ impl SnapFs {
             ctime: node.ctime,
             crtime: node.mtime,
             kind: if dir { FileType::Directory } else { FileType::RegularFile },
-            perm: node.perm,
+            perm: node.perm & !self.owner.umask,
             nlink: if dir { 2 } else { 1 },
-            uid: self.uid,
-            gid: self.gid,
+            uid: self.owner.uid,
+            gid: self.owner.gid,
             rdev: 0,
             blksize: 128 << 10,
             flags: 0,

@@ -4,7 +4,11 @@ use tracing_subscriber::EnvFilter;
 mod cli;
 
 fn main() {
-    let args = cli::Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let args = match cli::mount_helper_args(&argv) {
+        Some(rewritten) => cli::Cli::parse_from(rewritten),
+        None => cli::Cli::parse(),
+    };
     let default_level = match &args.command {
         cli::Command::Mount(m) if m.verbose >= 2 => "trace",
         cli::Command::Mount(m) if m.verbose == 1 => "debug",

@@ -107,6 +107,19 @@ impl Catalog {
         }
     }
 
+    /// The node at a `/`-separated path below the root (`vm.qcow2/disk.raw`).
+    pub fn resolve(&self, path: &str) -> Option<Ino> {
+        path.split('/').filter(|p| !p.is_empty()).try_fold(ROOT, |ino, part| self.lookup(ino, OsStr::new(part)))
+    }
+
+    /// Names of a directory's entries, in order.
+    pub fn children(&self, ino: Ino) -> Vec<String> {
+        match self.node(ino).map(|n| &n.content) {
+            Some(Content::Dir(c)) => c.keys().map(|k| k.to_string_lossy().into_owned()).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Sum of the sizes of the views, for statfs.
     pub fn total_bytes(&self) -> u64 {
         let views = self.nodes.iter().filter_map(|n| match &n.content {

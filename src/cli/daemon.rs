@@ -18,7 +18,7 @@ use tracing::info;
 
 use snapmount::cache::BlockCache;
 use snapmount::catalog::Catalog;
-use snapmount::fs::SnapFs;
+use snapmount::fs::{Ownership, SnapFs};
 
 use super::MountArgs;
 
@@ -31,7 +31,7 @@ pub fn mount(args: MountArgs) -> Result<()> {
     let password_file = args.password_file.clone();
     let passwords = move |archive: &Path| super::password::password_for(password_file.as_ref(), archive);
     let catalog = Arc::new(Catalog::build(sources, &cache, &passwords)?);
-    info!("{} entries ready; mounting on {}", catalog.len(), mountpoint.display());
+    tracing::debug!("{} entries ready; mounting on {}", catalog.len(), mountpoint.display());
 
     let mut config = Config::default();
     config.mount_options = vec![
@@ -48,7 +48,8 @@ pub fn mount(args: MountArgs) -> Result<()> {
     config.clone_fd = true;
     // SAFETY: plain getters.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let fs = SnapFs::new(catalog, uid, gid);
+    let owner = Ownership { uid: args.uid.unwrap_or(uid), gid: args.gid.unwrap_or(gid), umask: args.umask.unwrap_or(0) };
+    let fs = SnapFs::new(catalog, owner);
 
     if args.foreground {
         block_signals();

@@ -1,6 +1,8 @@
 //! The `snapmount` command line: argument parsing and the commands.
 
 mod daemon;
+mod export;
+mod info;
 mod password;
 mod size;
 mod umount;
@@ -25,6 +27,31 @@ pub struct Cli {
 pub enum Command {
     /// Mount images (files, or every image directly inside a directory).
     Mount(MountArgs),
+    /// Describe an image or archive without mounting it.
+    Info {
+        /// The image (qcow2) or archive (HEXZ).
+        image: PathBuf,
+        /// Print JSON (the same as the mount's info.json).
+        #[arg(long)]
+        json: bool,
+        /// Password file for encrypted HEXZ archives.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
+    /// Write a view (the disk, or SOURCE@SNAPSHOT) to a raw file, sparse
+    /// where the source is unallocated or zero. Needs no FUSE.
+    Export {
+        /// The image or archive, optionally @ a snapshot (entry name, ID or name).
+        source: String,
+        /// The raw file to write.
+        output: PathBuf,
+        /// Password file for encrypted HEXZ archives.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+        /// Bound of the block cache.
+        #[arg(long, value_name = "SIZE", default_value = DEFAULT_CACHE, value_parser = parse_size)]
+        cache_size: u64,
+    },
     /// Unmount a snapmount mountpoint (also cleans a stale one).
     #[command(alias = "unmount")]
     Umount {
@@ -61,12 +88,102 @@ pub struct MountArgs {
     /// More detail in the log (-vv for even more).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Owner of the files (default: the user who mounts).
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<u32>,
+    /// Group of the files (default: the user's group).
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<u32>,
+    /// Permission bits to mask off (octal, e.g. 027).
+    #[arg(long, value_name = "OCTAL", value_parser = parse_umask)]
+    pub umask: Option<u16>,
+    /// Mount options as mount(8) passes them: allow_other, uid=, gid=,
+    /// umask=, cache_size=, password_file=, log_file=, threads=.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+}
+
+fn parse_umask(text: &str) -> Result<u16, String> {
+    u16::from_str_radix(text, 8).ok().filter(|m| *m <= 0o7777).ok_or_else(|| format!("'{text}' is not an octal umask"))
+}
+
+impl MountArgs {
+    /// Folds `-o` options into the typed fields; options mount(8) adds that
+    /// mean nothing here are accepted and ignored.
+    pub fn apply_options(&mut self) -> anyhow::Result<()> {
+        let opts: Vec<String> =
+            self.options.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()).map(str::to_string).collect();
+        for opt in opts {
+            let (key, value) = match opt.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (opt.as_str(), None),
+            };
+            let need = |v: Option<&'_ str>| -> anyhow::Result<String> {
+                v.map(str::to_string).ok_or_else(|| anyhow::anyhow!("mount option {key} needs a value ({key}=...)"))
+            };
+            match key {
+                "allow_other" => self.allow_other = true,
+                "uid" => self.uid = Some(need(value)?.parse().map_err(|_| anyhow::anyhow!("bad uid in '{opt}'"))?),
+                "gid" => self.gid = Some(need(value)?.parse().map_err(|_| anyhow::anyhow!("bad gid in '{opt}'"))?),
+                "umask" => self.umask = Some(parse_umask(&need(value)?).map_err(anyhow::Error::msg)?),
+                "cache_size" | "cache-size" => self.cache_size = parse_size(&need(value)?).map_err(anyhow::Error::msg)?,
+                "password_file" => self.password_file = Some(need(value)?.into()),
+                "log_file" => self.log_file = Some(need(value)?.into()),
+                "threads" => self.threads = Some(need(value)?.parse().map_err(|_| anyhow::anyhow!("bad thread count in '{opt}'"))?),
+                "foreground" => self.foreground = true,
+                "rw" => tracing::warn!("snapmount mounts are read-only; ignoring 'rw'"),
+                // Generic options mount(8) and fstab use; nothing to do here.
+                "ro" | "defaults" | "auto" | "noauto" | "user" | "users" | "nouser" | "nofail" | "_netdev"
+                | "nodev" | "nosuid" | "noexec" | "exec" | "dev" | "suid" | "noatime" | "atime"
+                | "relatime" | "nodiratime" | "async" | "sync" | "default_permissions" => {}
+                k if k.starts_with("x-") || k.starts_with("comment=") => {}
+                _ => anyhow::bail!("unknown mount option '{opt}'"),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Runs the command; the error, if any, is one line for the user.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Mount(args) => daemon::mount(args),
+        Command::Mount(mut args) => {
+            args.apply_options()?;
+            daemon::mount(args)
+        }
         Command::Umount { mountpoint } => umount::umount(&mountpoint),
+        Command::Info { image, json, password_file } => info::info(&image, json, password_file.as_ref()),
+        Command::Export { source, output, password_file, cache_size } => {
+            export::export(&source, &output, password_file.as_ref(), cache_size)
+        }
     }
+}
+
+/// How mount(8) runs us: as `mount.fuse.snapmount SOURCE MOUNTPOINT -o OPTS`
+/// (our own helper link), or through fuse3's mount.fuse as
+/// `snapmount SOURCE MOUNTPOINT -o OPTS`. Returns the argument list rewritten
+/// as `snapmount mount ...`, or `None` for an ordinary command line.
+pub fn mount_helper_args(args: &[std::ffi::OsString]) -> Option<Vec<std::ffi::OsString>> {
+    let argv0 = std::path::Path::new(args.first()?).file_name()?.to_string_lossy().into_owned();
+    let as_helper = argv0.starts_with("mount.");
+    let first = args.get(1)?.to_string_lossy().into_owned();
+    const COMMANDS: [&str; 6] = ["mount", "umount", "unmount", "info", "export", "help"];
+    if !as_helper && (first.starts_with('-') || COMMANDS.contains(&first.as_str())) {
+        return None;
+    }
+    let mut out = vec!["snapmount".into(), "mount".into()];
+    let mut rest = args[1..].iter();
+    while let Some(a) = rest.next() {
+        match a.to_str() {
+            // mount(8)'s helper flags: -n (no mtab), -s (sloppy), -v (verbose), -f (fake).
+            Some("-n") | Some("-s") => {}
+            Some("-v") => out.push("-v".into()),
+            Some("-o") => {
+                out.push("-o".into());
+                out.push(rest.next()?.clone());
+            }
+            _ => out.push(a.clone()),
+        }
+    }
+    Some(out)
 }
