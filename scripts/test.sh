@@ -4,7 +4,8 @@
 #   qemu-utils  qemu-img / qemu-io: build the test images and are the oracle
 #   fuse3       fusermount3, for mounts by non-root users
 #   e2fsprogs   mkfs.ext4 (-d) to put real filesystems into test images
-#   util-linux  mount / losetup for loop mounts of the served disks
+#   util-linux  mount / losetup / partx for loop mounts of the served disks
+#   fdisk       sfdisk, to write a partition table into a test disk
 # The HEXZ tests read committed fixtures made by hexz-cli 0.8.2
 # (tests/fixtures/make-hexz.sh); with hexz 0.8.2 on PATH, more tests pack
 # fresh archives with it too.
@@ -15,7 +16,8 @@ need=()
 command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
-command -v losetup >/dev/null && command -v mount >/dev/null || need+=(util-linux mount)
+command -v losetup >/dev/null && command -v mount >/dev/null && command -v partx >/dev/null || need+=(util-linux mount)
+command -v sfdisk >/dev/null || need+=(fdisk)
 if ((${#need[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "installing: ${need[*]}"
