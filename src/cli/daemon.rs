@@ -26,6 +26,9 @@ pub fn mount(args: MountArgs) -> Result<()> {
     let (mountpoint, sources) = args.paths.split_last().expect("clap requires two paths");
     let mountpoint = check_mountpoint(mountpoint)?;
     check_fuse_device()?;
+    if args.allow_other {
+        check_allow_other()?;
+    }
 
     let cache = Arc::new(BlockCache::new(args.cache_size));
     let password_file = args.password_file.clone();
@@ -76,6 +79,9 @@ pub fn mount(args: MountArgs) -> Result<()> {
                 }
             };
             redirect_stdio(args.log_file.as_deref());
+            if args.log_file.is_none() {
+                super::log::to_syslog();
+            }
             let _ = status.write_all(b"\0ok");
             drop(status);
             let _ = std::env::set_current_dir("/");
@@ -181,12 +187,44 @@ fn redirect_stdio(log: Option<&Path>) {
 fn check_mountpoint(path: &Path) -> Result<PathBuf> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => anyhow!("{}: mountpoint does not exist (create it with mkdir)", path.display()),
+        _ if e.raw_os_error() == Some(libc::ENOTCONN) => anyhow!(
+            "{}: a dead daemon's mount is still there (Transport endpoint is not connected); clean it with: snapmount umount {}",
+            path.display(),
+            path.display()
+        ),
         _ => anyhow!("{}: mountpoint: {e}", path.display()),
     })?;
     if !meta.is_dir() {
         bail!("{}: mountpoint is not a directory", path.display());
     }
-    std::fs::canonicalize(path).with_context(|| format!("{}: mountpoint", path.display()))
+    let path = std::fs::canonicalize(path).with_context(|| format!("{}: mountpoint", path.display()))?;
+    if is_mountpoint(&path) {
+        bail!("{}: something is already mounted there (unmount it first: snapmount umount {})", path.display(), path.display());
+    }
+    Ok(path)
+}
+
+/// Non-root users may use allow_other only when /etc/fuse.conf says so.
+fn check_allow_other() -> Result<()> {
+    // SAFETY: plain getter.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    let conf = std::fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
+    let allowed = conf.lines().any(|l| l.trim() == "user_allow_other");
+    if !allowed {
+        bail!("allow_other needs 'user_allow_other' in /etc/fuse.conf (ask an administrator to add it), or mount as root");
+    }
+    Ok(())
+}
+
+/// A directory that is already a mountpoint would be hidden under ours.
+fn is_mountpoint(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let target = path.to_string_lossy().replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011").replace('\n', "\\012");
+    info.lines().any(|l| l.split(' ').nth(4) == Some(target.as_str()))
 }
 
 fn check_fuse_device() -> Result<()> {

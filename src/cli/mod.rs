@@ -3,6 +3,7 @@
 mod daemon;
 mod export;
 mod info;
+pub mod log;
 mod password;
 mod size;
 mod umount;
