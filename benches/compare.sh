@@ -28,8 +28,10 @@ export LC_ALL=C   # '.' as the decimal point in $EPOCHREALTIME and printf
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HELPERS=$REPO/benches/compare
-SNAPMOUNT=$REPO/target/release/snapmount
-ZEROFS=$REPO/target/release/examples/zerofs
+# The binaries are copied here after the build: src/ may be rebuilt while
+# this runs, and every sample must come from the same snapmount.
+SNAPMOUNT=
+ZEROFS=
 
 BENCH_SIZE=${BENCH_SIZE:-1G}
 BENCH_REPEAT=${BENCH_REPEAT:-3}
@@ -79,7 +81,7 @@ cleanup() {
     done
     for m in "$MNT_SNAP" "$MNT_QSD" "$MNT_HEXZ" "$MNT_ZERO"; do
         is_mounted "$m" || continue
-        "$SNAPMOUNT" umount "$m" 2>/dev/null || fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
+        umount "$m" 2>/dev/null || fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
     done
     sleep 0.2
     for pid in "${DAEMONS[@]}"; do
@@ -90,7 +92,7 @@ cleanup() {
     done
     if [[ $BENCH_KEEP != 1 && $rc == 0 ]]; then
         # Keep the report; the data is large and cheap to regenerate.
-        rm -rf "$DATA" "$MNT"
+        rm -rf "$DATA" "$MNT" "$BENCH_DIR/bin"
     fi
     if [[ $rc != 0 ]]; then
         log "failed (exit $rc); logs in $LOGS, scratch dir $BENCH_DIR"
@@ -123,6 +125,10 @@ build() {
     local try
     for try in 1 2 3 4 5; do
         if (cd "$REPO" && cargo build --release && cargo build --release --example zerofs) >"$LOGS/build.log" 2>&1; then
+            mkdir -p "$BENCH_DIR/bin"
+            cp "$REPO/target/release/snapmount" "$REPO/target/release/examples/zerofs" "$BENCH_DIR/bin/"
+            SNAPMOUNT=$BENCH_DIR/bin/snapmount
+            ZEROFS=$BENCH_DIR/bin/zerofs
             return
         fi
         log "build failed (try $try/5, see $LOGS/build.log); retrying in 60 s"
@@ -220,7 +226,8 @@ mount_tool() {
     PID=
     case $tool in
         snapmount)
-            "$SNAPMOUNT" mount --cache-size "$BENCH_CACHE" --log-file "$LOGS/snapmount.log" "$img" "$MNT_SNAP"
+            "$SNAPMOUNT" mount --cache-size "$BENCH_CACHE" --log-file "$LOGS/snapmount.log" "$img" "$MNT_SNAP" \
+                2>>"$LOGS/snapmount.log"
             FILE=$MNT_SNAP/$(basename "$img")/disk.raw
             wait_live "$tool" "$FILE"
             # The background daemon keeps the command line of `snapmount mount`.
@@ -391,6 +398,13 @@ measure() {
         seq_direct)
             v=$(seq_read 1 "$json")
             record seq_direct "$label" "$tool" "$rep" "$v"
+            # Again on the same mount: the daemon's reads of the image now hit
+            # the host page cache, so this is the daemon's own speed, not the
+            # disk's. (The host file has no daemon: its O_DIRECT is the disk.)
+            if [[ $tool != rawfile ]]; then
+                v=$(seq_read 1 "${json%.json}-hot.json")
+                record seq_direct_hot "$label" "$tool" "$rep" "$v"
+            fi
             ;;
         seq_buf)
             v=$(seq_read 0 "$json")
@@ -497,10 +511,13 @@ main() {
     make_data
     {
         echo "# snapmount benches/compare.sh $(date -u +%FT%TZ) size=$BENCH_SIZE repeat=$BENCH_REPEAT"
-        echo "# $(uname -sr), $(nproc) CPUs, $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
+        echo "# $(uname -sr), $(nproc) CPUs, snapmount at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet HEAD -- src 2>/dev/null || echo ' + uncommitted src changes')"
+        echo "# load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)"
     } >"$RESULTS"
     throughput
     mount_times
+    # Other work on the machine skews everything: say how busy it was.
+    echo "# load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$RESULTS"
     python3 "$HELPERS/report.py" "$RESULTS" "$CACHE_BYTES" >"$REPORT"
     # The comparison table on stdout; targets and samples are in the file.
     sed -n '/^## Comparison/,/^## Targets/p' "$REPORT" | sed '$d'

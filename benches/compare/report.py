@@ -18,6 +18,7 @@ import sys
 METRICS = [
     # key, label, unit, higher is better
     ("seq_direct", "seq 1 MiB O_DIRECT, cold", "MB/s", True),
+    ("seq_direct_hot", "seq 1 MiB O_DIRECT, image in host page cache", "MB/s", True),
     ("seq_buf", "seq 1 MiB buffered, cold", "MB/s", True),
     ("seq_warm", "seq 1 MiB buffered, warm 2nd pass", "MB/s", True),
     ("rand1", "rand 4 KiB O_DIRECT, 1 thread", "IOPS", True),
@@ -33,18 +34,21 @@ PEERS = [("qsd", "qemu-storage-daemon"), ("hexz", "hexz mount")]
 # Baselines that do not depend on the image: measured next to qcow2-raw,
 # shown on every throughput row.
 BASELINES = [("zerofs", "zero FUSE fs"), ("rawfile", "host file, no FUSE")]
-THROUGHPUT = {"seq_direct", "seq_buf", "seq_warm", "rand1", "rand4"}
+THROUGHPUT = {"seq_direct", "seq_direct_hot", "seq_buf", "seq_warm", "rand1", "rand4"}
 
 
 def load(path):
-    samples = collections.defaultdict(list)
+    samples, notes = collections.defaultdict(list), []
     with open(path) as f:
         for line in f:
-            if not line.strip() or line.startswith("#"):
+            if line.startswith("#"):
+                notes.append(line[1:].strip())
+                continue
+            if not line.strip():
                 continue
             metric, image, tool, _rep, value = line.rstrip("\n").split("\t")
             samples[(metric, image, tool)].append(float(value))
-    return samples
+    return samples, notes
 
 
 def fmt(value, unit):
@@ -103,15 +107,21 @@ class Report:
 
         x = lambda v: f"{v:.2f}x"
         pct = lambda v: f"{100 * v:.0f}%"
-        check("qcow2-raw seq O_DIRECT vs QSD", self.ratio("seq_direct", "qcow2-raw", "qsd"), ">= 1.5x", x, lambda v: v >= 1.5)
-        check("qcow2-raw seq O_DIRECT vs zero FUSE", self.ratio("seq_direct", "qcow2-raw", "zerofs"), ">= 70%", pct, lambda v: v >= 0.7)
+        # Sequential targets are checked on the cold pass (the official
+        # number) and on the pass with the image in the host page cache
+        # (the daemon's own speed, without the disk).
+        seqs = [("seq_direct", "seq O_DIRECT cold"), ("seq_direct_hot", "seq O_DIRECT, image cached"),
+                ("seq_buf", "seq buffered cold")]
+        for key, what in seqs[:2]:
+            check(f"qcow2-raw {what} vs QSD", self.ratio(key, "qcow2-raw", "qsd"), ">= 1.5x", x, lambda v: v >= 1.5)
+            check(f"qcow2-raw {what} vs zero FUSE", self.ratio(key, "qcow2-raw", "zerofs"), ">= 70%", pct, lambda v: v >= 0.7)
         for image in ("qcow2-zstd", "qcow2-zlib"):
             check(f"{image} rand 4 KiB 4 threads vs QSD", self.ratio("rand4", image, "qsd"), ">= 3x", x, lambda v: v >= 3)
-            check(f"{image} seq O_DIRECT vs QSD", self.ratio("seq_direct", image, "qsd"), ">= 1.5x", x, lambda v: v >= 1.5)
-            check(f"{image} seq buffered vs QSD", self.ratio("seq_buf", image, "qsd"), ">= 1.5x", x, lambda v: v >= 1.5)
+            for key, what in seqs:
+                check(f"{image} {what} vs QSD", self.ratio(key, image, "qsd"), ">= 1.5x", x, lambda v: v >= 1.5)
         for image in ("hexz-lz4", "hexz-zstd"):
-            check(f"{image} seq O_DIRECT vs hexz mount", self.ratio("seq_direct", image, "hexz"), ">= 1.5x", x, lambda v: v >= 1.5)
-            check(f"{image} seq buffered vs hexz mount", self.ratio("seq_buf", image, "hexz"), ">= 1.5x", x, lambda v: v >= 1.5)
+            for key, what in seqs:
+                check(f"{image} {what} vs hexz mount", self.ratio(key, image, "hexz"), ">= 1.5x", x, lambda v: v >= 1.5)
             check(f"{image} rand 4 KiB 4 threads vs hexz mount", self.ratio("rand4", image, "hexz"), ">= 2x", x, lambda v: v >= 2)
         # Page-cache speed: the same 1 MiB buffered re-read of a file that
         # sits in the page cache, without FUSE. 80% leaves room for noise.
@@ -141,8 +151,9 @@ class Report:
 
 
 def main():
-    samples = load(sys.argv[1])
+    samples, notes = load(sys.argv[1])
     report = Report(samples, int(sys.argv[2]))
+    print("\n".join(f"- {n}" for n in notes) + "\n")
     print("## Comparison (medians)\n")
     print(report.table())
     print("\n## Targets\n")
