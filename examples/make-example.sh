@@ -81,6 +81,22 @@ done
 qemu-img snapshot -c before-edits vm.qcow2
 qemu-io "${args[@]}" vm.qcow2 >/dev/null
 
+# --- boot.qcow2: a tiny bootable disk kept in an internal snapshot -------------------------
+# Its boot sector prints SNAPMOUNT-BOOT-OK on the serial port and halts. The
+# snapshot "bootable" holds it; the current state has it wiped, so only the
+# snapshot view boots.
+rm -f boot.qcow2
+{
+    printf '\x31\xc0\x8e\xd8\xba\xf8\x03\xbe\x16\x7c\xac\x84\xc0\x74\x03\xee\xeb\xf8\xfa\xf4\xeb\xfc'
+    printf 'SNAPMOUNT-BOOT-OK\r\n\0'
+    head -c 468 /dev/zero
+    printf '\x55\xaa'
+    head -c $((1024 * 1024 - 512)) /dev/zero
+} > "$work/boot.raw"
+qemu-img convert -q -f raw -O qcow2 "$work/boot.raw" boot.qcow2
+qemu-img snapshot -c bootable boot.qcow2
+qemu-io -c 'write -z 0 64k' boot.qcow2 >/dev/null
+
 # --- 5. check with qemu itself -------------------------------------------------------------
 qemu-img compare -q -f raw -F qcow2 "$top_raw" vm.qcow2
 qemu-img compare -q -f raw -F qcow2 "$base_raw" vm-base.qcow2
