@@ -180,6 +180,7 @@ impl HexzArchive {
         let n = size.saturating_sub(offset).min(buf.len() as u64) as usize;
         buf[n..].fill(0);
         let end = offset + n as u64;
+        self.decode_ahead(stream, offset, end);
         self.pieces(stream, offset, end, |piece| {
             let (start, bytes_end) = match &piece {
                 Piece::Block { start, info, .. } => (*start, start + info.logical_len as u64),
@@ -202,6 +203,39 @@ impl HexzArchive {
             }
             Ok(true)
         })
+    }
+
+    /// For a request spanning several stored blocks not yet cached, decodes
+    /// them on several threads first (into the cache). Errors are left for
+    /// the read itself to meet and report.
+    fn decode_ahead(&self, stream: Stream, from: u64, to: u64) {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cpus < 2 {
+            return;
+        }
+        let mut todo = Vec::new();
+        let _ = self.pieces(stream, from, to, |piece| {
+            if let Piece::Block { start, global, info } = piece {
+                let key = BlockKey { file: self.file.id(), kind: BlockKind::Decompressed, offset: info.offset };
+                if !info.is_sparse() && !info.is_parent_ref() && self.cache.get(&key).is_none() {
+                    todo.push((global, info, start));
+                }
+            }
+            Ok(true)
+        });
+        if todo.len() < 2 {
+            return;
+        }
+        let per = todo.len().div_ceil(cpus.min(todo.len()));
+        std::thread::scope(|scope| {
+            for chunk in todo.chunks(per) {
+                scope.spawn(move || {
+                    for (global, info, start) in chunk {
+                        let _ = self.stored_block(*global, info, *start);
+                    }
+                });
+            }
+        });
     }
 
     /// What no block covers: the parents' bytes at the same offset (as hexz

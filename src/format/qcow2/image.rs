@@ -210,6 +210,44 @@ impl Qcow2Image {
         })
     }
 
+    /// For a request spanning several compressed clusters not yet cached,
+    /// decompresses them on several threads first (into the cache), so one
+    /// large sequential read is not bound to one core. Errors are left for
+    /// the read itself to meet and report.
+    fn decompress_ahead(&self, l1: &[u8], guest: u64, len: u64) {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cs = self.geo.cluster_size();
+        if cpus < 2 || len < 2 * cs {
+            return;
+        }
+        let mut todo = Vec::new();
+        let mut pos = guest;
+        while pos < guest + len {
+            let Ok((mapping, run)) = self.lookup(l1, pos) else { return };
+            if let Mapping::Compressed { coffset, csize } = mapping {
+                let key = BlockKey { file: self.file.id(), kind: BlockKind::Decompressed, offset: coffset };
+                if self.cache.get(&key).is_none() {
+                    todo.push((coffset, csize, pos));
+                }
+            }
+            pos = pos.saturating_add(run.max(1));
+        }
+        if todo.len() < 2 {
+            return;
+        }
+        let workers = cpus.min(todo.len());
+        let per = todo.len().div_ceil(workers);
+        std::thread::scope(|scope| {
+            for chunk in todo.chunks(per) {
+                scope.spawn(move || {
+                    for &(coffset, csize, g) in chunk {
+                        let _ = self.compressed_cluster(coffset, csize, g);
+                    }
+                });
+            }
+        });
+    }
+
     fn read_backing(&self, buf: &mut [u8], guest: u64) -> Result<()> {
         match &self.backing {
             Some(b) => b.view.read_at(buf, guest),
@@ -290,6 +328,7 @@ impl View for Qcow2View {
             return Ok(());
         }
         let l1 = self.image.l1(self.table)?;
+        self.image.decompress_ahead(&l1, self.base + offset, n as u64);
         let mut pending: Option<(Pending, usize)> = None; // (run, start in buf)
         let mut pos = 0usize;
         while pos < n {
