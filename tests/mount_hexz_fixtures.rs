@@ -142,3 +142,35 @@ fn a_parent_loop_or_a_missing_parent_fails_the_mount() {
     std::fs::copy(fixtures().join("child.hxz"), alone.join("child.hxz")).unwrap();
     refused(&alone.join("child.hxz"), &["child.hxz", "parent archive 'base.hxz'", "not found"]);
 }
+
+#[test]
+fn holes_are_zero_blocks_and_seek_walks_the_whole_stream() {
+    preflight();
+    let tmp = tempfile::tempdir().unwrap();
+    let m = Mount::new(&[fixtures().join("serial.hxz"), fixtures().join("grand.hxz")], &tmp.path().join("mnt"));
+    for name in ["serial.hxz", "grand.hxz"] {
+        let path = m.disk(name);
+        let f = std::fs::File::open(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        let size = bytes.len() as i64;
+        let (mut pos, mut holes) = (0i64, 0);
+        while pos < size {
+            // SAFETY: lseek on an open descriptor.
+            let hole = unsafe { libc::lseek(fd, pos, libc::SEEK_HOLE) };
+            assert!(hole >= pos && hole <= size, "{name}: SEEK_HOLE from {pos} gave {hole}");
+            if hole == size {
+                break;
+            }
+            let data = unsafe { libc::lseek(fd, hole, libc::SEEK_DATA) };
+            let data = if data < 0 { size } else { data };
+            assert!(data > hole, "{name}: SEEK_DATA from {hole} gave {data}");
+            assert!(bytes[hole as usize..data as usize].iter().all(|&b| b == 0), "{name}: hole {hole}..{data} holds data");
+            holes += 1;
+            pos = data;
+        }
+        if name == "serial.hxz" {
+            assert!(holes > 0, "serial packs store zero blocks sparsely: they are holes");
+        }
+    }
+}

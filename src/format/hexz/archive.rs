@@ -344,26 +344,35 @@ impl HexzArchive {
         Err(self.corrupt(logical, format!("block {hash}… is referenced from a parent archive, but no parent holds it")))
     }
 
+    /// The run of equal allocation from `offset`: consecutive blocks of one
+    /// kind are merged in one walk (a whole-archive `stat` is one pass over
+    /// the index, not one page walk per block).
     fn extent(&self, stream: Stream, offset: u64) -> Result<Extent> {
         let size = self.stream_size(stream);
-        let mut found = Extent { len: size - offset, data: false };
+        let mut found: Option<Extent> = None;
         self.pieces(stream, offset, size, |piece| {
-            found = match piece {
-                Piece::Block { start, info, .. } => {
-                    Extent { len: start + info.logical_len as u64 - offset, data: !info.is_sparse() }
-                }
-                Piece::Uncovered { end, .. } => match self.parents.first() {
-                    Some((_, p)) if offset < p.stream_size(stream) => {
-                        let e = p.extent(stream, offset)?;
-                        Extent { len: e.len.min(end - offset), data: e.data }
+            // `whole`: the piece's state is known to its end (a parent's
+            // extent may be shorter than an uncovered stretch).
+            let (end, data, whole) = match piece {
+                Piece::Block { start, info, .. } => (start + info.logical_len as u64, !info.is_sparse(), true),
+                Piece::Uncovered { start, end } => match self.parents.first() {
+                    Some((_, p)) if start < p.stream_size(stream) => {
+                        let e = p.extent(stream, start)?;
+                        (start + e.len.min(end - start), e.data, e.len >= end - start)
                     }
-                    _ => Extent { len: end - offset, data: false },
+                    _ => (end, false, true),
                 },
             };
-            Ok(false)
+            match &mut found {
+                None => found = Some(Extent { len: end - offset, data }),
+                Some(e) if e.data == data => e.len = end - offset,
+                Some(_) => return Ok(false),
+            }
+            Ok(whole)
         })?;
-        found.len = found.len.clamp(1, size - offset);
-        Ok(found)
+        let mut e = found.unwrap_or(Extent { len: size - offset, data: false });
+        e.len = e.len.clamp(1, size - offset);
+        Ok(e)
     }
 }
 
