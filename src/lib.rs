@@ -13,3 +13,10 @@ pub mod io;
 pub mod view;
 
 pub use error::{Error, Result};
+
+/// CPUs this process may use, asked once: `available_parallelism` reads
+/// cgroup files on every call, far too slow for a read path.
+pub fn cpus() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}

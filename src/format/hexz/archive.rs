@@ -209,7 +209,7 @@ impl HexzArchive {
     /// them on several threads first (into the cache). Errors are left for
     /// the read itself to meet and report.
     fn decode_ahead(&self, stream: Stream, from: u64, to: u64) {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = crate::cpus();
         if cpus < 2 {
             return;
         }

@@ -215,7 +215,7 @@ impl Qcow2Image {
     /// large sequential read is not bound to one core. Errors are left for
     /// the read itself to meet and report.
     fn decompress_ahead(&self, l1: &[u8], guest: u64, len: u64) {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = crate::cpus();
         let cs = self.geo.cluster_size();
         if cpus < 2 || len < 2 * cs {
             return;
