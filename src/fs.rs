@@ -15,6 +15,10 @@ use tracing::{debug, error};
 use crate::catalog::{Catalog, Content, Ino, Node};
 use crate::view;
 
+thread_local! {
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The tree never changes while mounted, so the kernel may cache names and
 /// attributes for long.
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -120,16 +124,21 @@ impl Filesystem for SnapFs {
             Content::Dir(_) => reply.error(Errno::EISDIR),
             Content::Bytes(b) => reply.data(slice(b, offset, len)),
             Content::Lazy(l) => reply.data(slice(l.bytes(), offset, len)),
-            Content::View(v) => {
-                let mut buf = vec![0u8; len];
-                match v.read_at(&mut buf, offset) {
-                    Ok(()) => reply.data(&buf),
+            Content::View(v) => READ_BUF.with(|cell| {
+                // Each FUSE worker reuses one buffer: no allocation (and no
+                // page faults) per request.
+                let mut buf = cell.borrow_mut();
+                if buf.len() < len {
+                    buf.resize(len, 0);
+                }
+                match v.read_at(&mut buf[..len], offset) {
+                    Ok(()) => reply.data(&buf[..len]),
                     Err(e) => {
                         error!("read of {len} bytes at {offset:#x} failed: {e}");
                         reply.error(Errno::from_i32(e.errno()));
                     }
                 }
-            }
+            }),
         }
     }
 
