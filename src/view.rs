@@ -26,8 +26,11 @@ pub trait View: Send + Sync {
     /// as zeros, so a shorter backing file reads as zeros past its end.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
 
-    /// The run of equal allocation state that starts at `offset` (< size()).
-    fn extent(&self, offset: u64) -> Result<Extent>;
+    /// The run of equal allocation state that starts at `offset` (< size()),
+    /// at most `max` (>= 1) bytes long: callers that need only a short answer
+    /// bound the work (a backing file is asked only as far as the overlay
+    /// leaves it unallocated).
+    fn extent(&self, offset: u64, max: u64) -> Result<Extent>;
 }
 
 /// The first offset `>= from` that holds data, or `None` if none does
@@ -35,7 +38,7 @@ pub trait View: Send + Sync {
 pub fn seek_data(view: &dyn View, from: u64) -> Result<Option<u64>> {
     let mut pos = from;
     while pos < view.size() {
-        let e = view.extent(pos)?;
+        let e = view.extent(pos, u64::MAX)?;
         if e.data {
             return Ok(Some(pos));
         }
@@ -52,7 +55,7 @@ pub fn seek_hole(view: &dyn View, from: u64) -> Result<Option<u64>> {
     }
     let mut pos = from;
     while pos < view.size() {
-        let e = view.extent(pos)?;
+        let e = view.extent(pos, u64::MAX)?;
         if !e.data {
             return Ok(Some(pos));
         }
@@ -66,7 +69,7 @@ pub fn allocated_bytes(view: &dyn View) -> Result<u64> {
     let mut pos = 0;
     let mut total = 0;
     while pos < view.size() {
-        let e = view.extent(pos)?;
+        let e = view.extent(pos, u64::MAX)?;
         if e.data {
             total += e.len;
         }
@@ -98,8 +101,8 @@ impl View for RawView {
         self.source.read_at(buf, offset)
     }
 
-    fn extent(&self, offset: u64) -> Result<Extent> {
-        Ok(Extent { len: self.size.saturating_sub(offset).max(1), data: true })
+    fn extent(&self, offset: u64, max: u64) -> Result<Extent> {
+        Ok(Extent { len: self.size.saturating_sub(offset).min(max).max(1), data: true })
     }
 }
 
@@ -116,8 +119,8 @@ impl View for ZeroView {
         Ok(())
     }
 
-    fn extent(&self, offset: u64) -> Result<Extent> {
-        Ok(Extent { len: self.0.saturating_sub(offset).max(1), data: false })
+    fn extent(&self, offset: u64, max: u64) -> Result<Extent> {
+        Ok(Extent { len: self.0.saturating_sub(offset).min(max).max(1), data: false })
     }
 }
 
@@ -150,8 +153,8 @@ impl View for SliceView {
         self.inner.read_at(&mut buf[..n], self.start + offset)
     }
 
-    fn extent(&self, offset: u64) -> Result<Extent> {
-        let e = self.inner.extent(self.start + offset)?;
-        Ok(Extent { len: e.len.min(self.len - offset), data: e.data })
+    fn extent(&self, offset: u64, max: u64) -> Result<Extent> {
+        let e = self.inner.extent(self.start + offset, max.min(self.len - offset))?;
+        Ok(Extent { len: e.len.min(self.len - offset).min(max), data: e.data })
     }
 }

@@ -79,7 +79,7 @@ pub fn export(source: &str, output: &Path, password_file: Option<&PathBuf>, cach
     let mut pos = 0u64;
     let mut written = 0u64;
     while pos < size {
-        let extent = view.extent(pos)?;
+        let extent = view.extent(pos, u64::MAX)?;
         let end = pos + extent.len;
         if extent.data {
             while pos < end {

@@ -347,17 +347,17 @@ impl HexzArchive {
     /// The run of equal allocation from `offset`: consecutive blocks of one
     /// kind are merged in one walk (a whole-archive `stat` is one pass over
     /// the index, not one page walk per block).
-    fn extent(&self, stream: Stream, offset: u64) -> Result<Extent> {
-        let size = self.stream_size(stream);
+    fn extent(&self, stream: Stream, offset: u64, max: u64) -> Result<Extent> {
+        let limit = offset + (self.stream_size(stream) - offset).min(max.max(1));
         let mut found: Option<Extent> = None;
-        self.pieces(stream, offset, size, |piece| {
+        self.pieces(stream, offset, limit, |piece| {
             // `whole`: the piece's state is known to its end (a parent's
             // extent may be shorter than an uncovered stretch).
             let (end, data, whole) = match piece {
                 Piece::Block { start, info, .. } => (start + info.logical_len as u64, !info.is_sparse(), true),
                 Piece::Uncovered { start, end } => match self.parents.first() {
                     Some((_, p)) if start < p.stream_size(stream) => {
-                        let e = p.extent(stream, start)?;
+                        let e = p.extent(stream, start, end - start)?;
                         (start + e.len.min(end - start), e.data, e.len >= end - start)
                     }
                     _ => (end, false, true),
@@ -370,8 +370,8 @@ impl HexzArchive {
             }
             Ok(whole)
         })?;
-        let mut e = found.unwrap_or(Extent { len: size - offset, data: false });
-        e.len = e.len.clamp(1, size - offset);
+        let mut e = found.unwrap_or(Extent { len: limit - offset, data: false });
+        e.len = e.len.clamp(1, limit - offset);
         Ok(e)
     }
 }
@@ -391,8 +391,8 @@ impl View for StreamView {
         self.archive.read_stream(self.stream, buf, offset)
     }
 
-    fn extent(&self, offset: u64) -> Result<Extent> {
-        self.archive.extent(self.stream, offset)
+    fn extent(&self, offset: u64, max: u64) -> Result<Extent> {
+        self.archive.extent(self.stream, offset, max)
     }
 }
 

@@ -367,42 +367,37 @@ impl View for Qcow2View {
         Ok(())
     }
 
-    fn extent(&self, offset: u64) -> Result<Extent> {
-        let end = self.size;
+    fn extent(&self, offset: u64, max: u64) -> Result<Extent> {
+        let end = offset + (self.size - offset).min(max.max(1));
         let l1 = self.image.l1(self.table)?;
+        // Some(data?) for what this image decides; None where the backing
+        // file does.
         let class = |m: &Mapping| match m {
             Mapping::Data { .. } | Mapping::Compressed { .. } => Some(true),
             Mapping::Zero => Some(false),
-            Mapping::Unallocated => None, // depends on the backing file
+            Mapping::Unallocated => None,
         };
         let (mapping, run) = self.image.lookup(&l1, self.base + offset)?;
+        let first = class(&mapping);
         let mut len = run.min(end - offset);
-        let data = match class(&mapping) {
-            Some(d) => d,
-            None => match self.image.backing.as_ref() {
-                Some(b) if self.base + offset < b.view.size() => {
-                    let e = b.view.extent(self.base + offset)?;
-                    return Ok(Extent { len: e.len.min(len), data: e.data });
-                }
-                _ => false,
-            },
-        };
-        // Merge the following granules of the same class (not those that
-        // would need the backing file's answer).
-        let backing_matters = self.image.backing.as_ref().map_or(0, |b| b.view.size());
+        // Merge the following granules of the same class, up to `max`.
         while offset + len < end {
-            let guest = self.base + offset + len;
-            let (m, r) = self.image.lookup(&l1, guest)?;
-            let c = match class(&m) {
-                Some(c) => c,
-                None if guest >= backing_matters => false,
-                None => break,
-            };
-            if c != data {
+            let (m, r) = self.image.lookup(&l1, self.base + offset + len)?;
+            if class(&m) != first {
                 break;
             }
             len = len.saturating_add(r).min(end - offset);
         }
-        Ok(Extent { len, data })
+        Ok(match first {
+            Some(data) => Extent { len, data },
+            None => match self.image.backing.as_ref() {
+                // The backing file is asked only about this unallocated run.
+                Some(b) if self.base + offset < b.view.size() => {
+                    let e = b.view.extent(self.base + offset, len)?;
+                    Extent { len: e.len.min(len), data: e.data }
+                }
+                _ => Extent { len, data: false },
+            },
+        })
     }
 }
