@@ -106,12 +106,12 @@ impl BlockCache {
     pub fn get_or_load<E>(
         &self,
         key: BlockKey,
-        load: impl FnOnce() -> Result<Vec<u8>, E>,
+        load: impl FnOnce() -> Result<Arc<[u8]>, E>,
     ) -> Result<Arc<[u8]>, E> {
         if let Some(block) = self.get(&key) {
             return Ok(block);
         }
-        let block: Arc<[u8]> = load()?.into();
+        let block = load()?;
         self.insert(key, block.clone());
         Ok(block)
     }
@@ -124,6 +124,22 @@ impl BlockCache {
     pub fn stats(&self) -> (u64, u64) {
         (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
     }
+}
+
+/// A zero-filled block of `len` bytes, allocated once where the cache will
+/// keep it (filling a `Vec` and converting would allocate and copy again).
+pub fn new_block(len: usize) -> Arc<[u8]> {
+    let mut block: Arc<[std::mem::MaybeUninit<u8>]> = Arc::new_uninit_slice(len);
+    for b in Arc::get_mut(&mut block).expect("fresh Arc is unique") {
+        b.write(0);
+    }
+    // SAFETY: every byte was written above.
+    unsafe { block.assume_init() }
+}
+
+/// The bytes of a block just made by `new_block`, to fill in.
+pub fn block_mut(block: &mut Arc<[u8]>) -> &mut [u8] {
+    Arc::get_mut(block).expect("a block being filled is not shared yet")
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! Images are opened read-only, and nothing in this crate ever writes to them.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -27,7 +29,23 @@ pub struct FileSource {
     mtime: SystemTime,
     atime: SystemTime,
     ctime: SystemTime,
+    readahead: Readahead,
 }
+
+/// Sequential reads of an image file ask the kernel to fetch ahead, further
+/// than its own readahead window (often 128 KiB): a sequential read of the
+/// served disk then keeps the host disk busy instead of waiting on each
+/// request. Shared by all threads; races only cost an extra hint.
+#[derive(Debug, Default)]
+struct Readahead {
+    /// Where the last read ended.
+    last_end: AtomicU64,
+    /// How far the kernel has been asked to read.
+    advised: AtomicU64,
+}
+
+/// How far ahead of a sequential reader the file is fetched.
+const READAHEAD_WINDOW: u64 = 8 << 20;
 
 impl FileSource {
     pub fn open(path: &Path) -> Result<Self> {
@@ -48,6 +66,7 @@ impl FileSource {
             ctime: time(meta.ctime(), meta.ctime_nsec()),
             path: path.to_path_buf(),
             file,
+            readahead: Readahead::default(),
         })
     }
 
@@ -75,6 +94,7 @@ impl FileSource {
     /// Fills `buf` from `offset`; bytes past the end of the file read as zeros,
     /// as QEMU's block layer does for short reads.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_ahead(offset, buf.len() as u64);
         let mut done = 0;
         while done < buf.len() {
             let pos = match offset.checked_add(done as u64) {
@@ -91,4 +111,55 @@ impl FileSource {
         buf[done..].fill(0);
         Ok(())
     }
+
+    /// When this read continues the previous one (give or take a small gap,
+    /// as between compressed clusters), asks the kernel to start reading
+    /// the next window in the background (POSIX_FADV_WILLNEED does not wait).
+    fn read_ahead(&self, offset: u64, len: u64) {
+        let ra = &self.readahead;
+        let end = offset.saturating_add(len);
+        let last = ra.last_end.swap(end, Ordering::Relaxed);
+        let sequential = offset >= last && offset - last <= 64 << 10;
+        if !sequential {
+            return;
+        }
+        let advised = ra.advised.load(Ordering::Relaxed);
+        if advised >= end.saturating_add(READAHEAD_WINDOW / 2) || end >= self.len {
+            return;
+        }
+        let from = advised.max(end);
+        let to = end.saturating_add(READAHEAD_WINDOW).min(self.len);
+        ra.advised.store(to, Ordering::Relaxed);
+        // SAFETY: an advisory call on our own open descriptor.
+        unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), from as libc::off_t, (to - from) as libc::off_t, libc::POSIX_FADV_WILLNEED);
+        }
+    }
+}
+
+const SCRATCH_KEEP: usize = 8 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a per-thread buffer of `len` bytes (contents unspecified),
+/// for bytes needed only briefly, such as a compressed cluster on its way to
+/// being decompressed: no allocation per read, and no heap churn.
+pub fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            let result = f(&mut buf[..len]);
+            // Keep a typical buffer for the next read, not a rare huge one.
+            if buf.len() > SCRATCH_KEEP {
+                *buf = Vec::new();
+            }
+            result
+        }
+        // Re-entered on this thread (a parent read inside a read): a fresh buffer.
+        Err(_) => f(&mut vec![0u8; len]),
+    })
 }

@@ -8,9 +8,9 @@ use std::sync::{Arc, OnceLock};
 use tracing::warn;
 use zstd::zstd_safe::DDict;
 
-use crate::cache::{BlockCache, BlockKey, BlockKind};
+use crate::cache::{block_mut, new_block, BlockCache, BlockKey, BlockKind};
 use crate::error::{Error, Result};
-use crate::io::FileSource;
+use crate::io::{with_scratch, FileSource};
 use crate::view::{Extent, View};
 
 use super::codec::{self, Key, MAX_BLOCK};
@@ -115,8 +115,8 @@ impl HexzArchive {
             if entry.offset.checked_add(entry.length as u64).is_none_or(|e| e > self.file.len()) {
                 return Err(self.corrupt(entry.start_logical, "index page runs past the end of the file"));
             }
-            let mut raw = vec![0u8; entry.length as usize];
-            self.file.read_at(&mut raw, entry.offset)?;
+            let mut raw = new_block(entry.length as usize);
+            self.file.read_at(block_mut(&mut raw), entry.offset)?;
             Ok(raw)
         })?;
         if index::page_count(&page, BLOCK_INFO_SIZE).is_none() {
@@ -267,31 +267,40 @@ impl HexzArchive {
         let block = self.cache.get_or_load(key, || self.decode(global, info, logical))?;
         if block.len() != info.logical_len as usize {
             // Two entries sharing an offset with different sizes: only in a damaged index.
-            return self.decode(global, info, logical).map(Arc::from);
+            return self.decode(global, info, logical);
         }
         Ok(block)
     }
 
-    fn decode(&self, global: u64, info: &BlockInfo, logical: u64) -> Result<Vec<u8>> {
+    fn decode(&self, global: u64, info: &BlockInfo, logical: u64) -> Result<Arc<[u8]>> {
         if info.offset.checked_add(info.length as u64).is_none_or(|e| e > self.file.len()) {
             return Err(self.corrupt(logical, format!("block at {:#x} runs past the end of the file", info.offset)));
         }
-        let mut stored = vec![0u8; info.length as usize];
-        self.file.read_at(&mut stored, info.offset)?;
-        let crc = crc32fast::hash(&stored);
-        if crc != info.checksum {
-            return Err(self.corrupt(
-                logical,
-                format!("block at {:#x}: CRC32 {crc:08x} does not match the index ({:08x})", info.offset, info.checksum),
-            ));
+        // LZ4's worst case for the largest block, plus prefix and GCM tag.
+        if info.length > MAX_BLOCK + MAX_BLOCK / 255 + 64 {
+            return Err(self.corrupt(logical, format!("stored block of {} bytes is larger than any block", info.length)));
         }
-        let plain = match &self.key {
-            Some(key) => key.decrypt(global, &stored).map_err(|m| self.corrupt(logical, m))?,
-            None => stored,
-        };
-        let mut out = vec![0u8; info.logical_len as usize];
-        codec::decompress(self.header.codec, self.dict.as_ref(), &plain, &mut out)
-            .map_err(|m| self.corrupt(logical, format!("block at {:#x}: {m}", info.offset)))?;
+        let mut out = new_block(info.logical_len as usize);
+        with_scratch(info.length as usize, |stored| {
+            self.file.read_at(stored, info.offset)?;
+            let crc = crc32fast::hash(stored);
+            if crc != info.checksum {
+                return Err(self.corrupt(
+                    logical,
+                    format!("block at {:#x}: CRC32 {crc:08x} does not match the index ({:08x})", info.offset, info.checksum),
+                ));
+            }
+            let decrypted;
+            let plain: &[u8] = match &self.key {
+                Some(key) => {
+                    decrypted = key.decrypt(global, stored).map_err(|m| self.corrupt(logical, m))?;
+                    &decrypted
+                }
+                None => stored,
+            };
+            codec::decompress(self.header.codec, self.dict.as_ref(), plain, block_mut(&mut out))
+                .map_err(|m| self.corrupt(logical, format!("block at {:#x}: {m}", info.offset)))
+        })?;
         Ok(out)
     }
 

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::cache::{BlockCache, BlockKey, BlockKind};
+use crate::cache::{block_mut, new_block, BlockCache, BlockKey, BlockKind};
 use crate::error::{Error, Result};
-use crate::io::FileSource;
+use crate::io::{with_scratch, FileSource};
 use crate::view::{Extent, View};
 
 use super::decompress::decompress;
@@ -139,7 +139,7 @@ impl Qcow2Image {
                     kind: BlockKind::L1 { entries: s.l1_size },
                     offset: s.l1_table_offset,
                 };
-                self.cache.get_or_load(key, || read_l1(&self.file, s.l1_table_offset, s.l1_size))
+                self.cache.get_or_load(key, || read_l1(&self.file, s.l1_table_offset, s.l1_size).map(Arc::from))
             }
         }
     }
@@ -147,8 +147,8 @@ impl Qcow2Image {
     fn l2_table(&self, offset: u64) -> Result<Arc<[u8]>> {
         let key = BlockKey { file: self.file.id(), kind: BlockKind::Table, offset };
         self.cache.get_or_load(key, || {
-            let mut table = vec![0u8; self.geo.cluster_size() as usize];
-            self.file.read_at(&mut table, offset)?;
+            let mut table = new_block(self.geo.cluster_size() as usize);
+            self.file.read_at(block_mut(&mut table), offset)?;
             Ok(table)
         })
     }
@@ -200,11 +200,12 @@ impl Qcow2Image {
     fn compressed_cluster(&self, coffset: u64, csize: u64, guest: u64) -> Result<Arc<[u8]>> {
         let key = BlockKey { file: self.file.id(), kind: BlockKind::Decompressed, offset: coffset };
         self.cache.get_or_load(key, || {
-            let mut stored = vec![0u8; csize as usize];
-            self.file.read_at(&mut stored, coffset)?;
-            let mut cluster = vec![0u8; self.geo.cluster_size() as usize];
-            decompress(self.header.compression, &stored, &mut cluster).map_err(|msg| {
-                Error::corrupt(&self.path, guest, format!("compressed cluster at {coffset:#x}: {msg}"))
+            let mut cluster = new_block(self.geo.cluster_size() as usize);
+            with_scratch(csize as usize, |stored| {
+                self.file.read_at(stored, coffset)?;
+                decompress(self.header.compression, stored, block_mut(&mut cluster)).map_err(|msg| {
+                    Error::corrupt(&self.path, guest, format!("compressed cluster at {coffset:#x}: {msg}"))
+                })
             })?;
             Ok(cluster)
         })
