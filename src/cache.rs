@@ -24,8 +24,11 @@ pub enum BlockKind {
     Table,
     /// A qcow2 L1 table of this many entries, raw bytes as on disk.
     L1 { entries: u32 },
-    /// A compressed cluster, decompressed.
+    /// A compressed block, decompressed (HEXZ; deduplicated entries share it).
     Decompressed,
+    /// A compressed qcow2 cluster of this many stored bytes, decompressed
+    /// (two entries naming one offset with different sizes stay apart).
+    Cluster { stored: u64 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -38,6 +41,9 @@ pub struct BlockKey {
 /// Bookkeeping cost of one entry beyond its bytes (key, Arc header, LRU node).
 const ENTRY_OVERHEAD: usize = 96;
 const SHARDS: usize = 32;
+const MIN_SHARD_BYTES: u64 = 8 << 20;
+/// The smallest cache `--cache-size` accepts.
+pub const MIN_CAPACITY: u64 = 16 << 20;
 
 struct Shard {
     lru: LruCache<BlockKey, Arc<[u8]>>,
@@ -55,12 +61,15 @@ pub struct BlockCache {
 impl BlockCache {
     /// A cache holding at most `capacity` bytes (spread evenly over the shards).
     pub fn new(capacity: u64) -> Self {
-        let shards = (0..SHARDS)
+        // Fewer shards for a small cache, so that a shard still holds the
+        // largest blocks (2 MiB clusters and L2 tables) several times over.
+        let count = (capacity / MIN_SHARD_BYTES).clamp(1, SHARDS as u64) as usize;
+        let shards = (0..count)
             .map(|_| Mutex::new(Shard { lru: LruCache::unbounded(), bytes: 0 }))
             .collect();
         BlockCache {
             shards,
-            shard_capacity: (capacity / SHARDS as u64).min(usize::MAX as u64) as usize,
+            shard_capacity: (capacity / count as u64).min(usize::MAX as u64) as usize,
             hasher: Default::default(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -70,7 +79,7 @@ impl BlockCache {
     fn shard(&self, key: &BlockKey) -> &Mutex<Shard> {
         let mut h = self.hasher.build_hasher();
         key.hash(&mut h);
-        &self.shards[h.finish() as usize % SHARDS]
+        &self.shards[h.finish() as usize % self.shards.len()]
     }
 
     pub fn get(&self, key: &BlockKey) -> Option<Arc<[u8]>> {
@@ -152,11 +161,12 @@ mod tests {
 
     #[test]
     fn stays_within_its_byte_bound() {
-        let cache = BlockCache::new(SHARDS as u64 * 10_000);
-        for i in 0..10_000u64 {
+        let cache = BlockCache::new(64 << 20);
+        for i in 0..40_000u64 {
             cache.insert(key(i * 4096), vec![0u8; 4096].into());
-            assert!(cache.used_bytes() <= SHARDS * 10_000);
+            assert!(cache.used_bytes() <= 64 << 20);
         }
+        assert!(cache.used_bytes() > 60 << 20, "and it is used");
     }
 
     #[test]
@@ -171,7 +181,7 @@ mod tests {
 
     #[test]
     fn oversized_blocks_are_not_kept() {
-        let cache = BlockCache::new(SHARDS as u64 * 1000);
+        let cache = BlockCache::new(4000);
         cache.insert(key(0), vec![0u8; 5000].into());
         assert!(cache.get(&key(0)).is_none());
         assert_eq!(cache.used_bytes(), 0);

@@ -51,16 +51,24 @@ impl FileSource {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-        if !meta.is_file() {
-            return Err(Error::open(path, "not a regular file"));
+        let block_device = std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type());
+        if !meta.is_file() && !block_device {
+            return Err(Error::open(path, "not a regular file or block device"));
         }
+        // A block device (an image on LVM, a raw base on /dev/...) has no
+        // length in its metadata: ask it where it ends.
+        let len = if block_device {
+            std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0)).map_err(|e| Error::io(path, e))?
+        } else {
+            meta.len()
+        };
         let time = |s: i64, ns: i64| {
             let d = std::time::Duration::new(s.max(0) as u64, ns.clamp(0, 999_999_999) as u32);
             SystemTime::UNIX_EPOCH + d
         };
         Ok(FileSource {
             id: FileId { dev: meta.dev(), ino: meta.ino() },
-            len: meta.len(),
+            len,
             mtime: time(meta.mtime(), meta.mtime_nsec()),
             atime: time(meta.atime(), meta.atime_nsec()),
             ctime: time(meta.ctime(), meta.ctime_nsec()),

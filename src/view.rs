@@ -64,18 +64,25 @@ pub fn seek_hole(view: &dyn View, from: u64) -> Result<Option<u64>> {
     Ok(Some(view.size()))
 }
 
-/// Bytes of the view that hold data (what `st_blocks` reports).
-pub fn allocated_bytes(view: &dyn View) -> Result<u64> {
+/// Bytes of the view that hold data (what `st_blocks` reports), or `None`
+/// when the map is too fragmented to walk within `max_steps` extents (a
+/// hostile image can describe a petabyte of tiny runs).
+pub fn allocated_bytes(view: &dyn View, max_steps: u64) -> Result<Option<u64>> {
     let mut pos = 0;
     let mut total = 0;
+    let mut steps = 0;
     while pos < view.size() {
+        steps += 1;
+        if steps > max_steps {
+            return Ok(None);
+        }
         let e = view.extent(pos, u64::MAX)?;
         if e.data {
             total += e.len;
         }
         pos += e.len;
     }
-    Ok(total)
+    Ok(Some(total))
 }
 
 /// A raw file as a view: the file's bytes are the disk. Its size is the file

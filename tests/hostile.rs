@@ -52,7 +52,7 @@ fn exercise(path: &Path) -> Result<(), String> {
             pos = pos.saturating_add(if reads < 64 { 1 << 20 } else { v.size() / 32 + 1 });
             reads += 1;
         }
-        let _ = view::allocated_bytes(v.as_ref());
+        let _ = view::allocated_bytes(v.as_ref(), 1 << 16);
         let _ = view::seek_data(v.as_ref(), 0);
         let _ = view::seek_hole(v.as_ref(), 0);
     }
@@ -157,7 +157,7 @@ fn exercise_hexz(path: &Path) -> Result<(), String> {
             pos = pos.saturating_add(if reads < 64 { 1 << 20 } else { v.size() / 32 + 1 });
             reads += 1;
         }
-        let _ = view::allocated_bytes(&v);
+        let _ = view::allocated_bytes(&v, 1 << 16);
     }
     let _ = archive.block_stats();
     Ok(())

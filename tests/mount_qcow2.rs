@@ -235,7 +235,8 @@ fn compressed_zlib_and_zstd() {
     assert_eq!(json_u64(&info, "virtual_size"), 8_325_120, "odd source rounds up to 512 in qemu-img: {info}");
 }
 
-/// A tiny block cache (smaller than one 2 MiB cluster) and concurrent random reads.
+/// The smallest block cache (16 MiB: eight 2 MiB clusters) and concurrent
+/// random reads over 32 MiB of clusters; a cache below 16 MiB is refused.
 #[test]
 fn small_cache_and_concurrent_random_reads() {
     let t = setup("cache");
@@ -245,7 +246,9 @@ fn small_cache_and_concurrent_random_reads() {
     let b = t.imgs.join("zlib64k.qcow2");
     qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zstd,cluster_size=2M", &s(&src), &s(&a)]);
     qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zlib", &s(&src), &s(&b)]);
-    let mnt = Mount::with_args(&["--cache-size", "1M"], &[&t.imgs], &t.mnt);
+    let refused = snapmount(&["mount", "--cache-size", "1M", &s(&t.imgs), &s(&t.mnt)]);
+    assert!(!refused.success() && refused.stderr.contains("too small"), "{}", refused.describe());
+    let mnt = Mount::with_args(&["--cache-size", "16M"], &[&t.imgs], &t.mnt);
     mnt.assert_all_match(&[&a, &b], &t.scratch);
     for img in [&a, &b] {
         let name = img.file_name().unwrap().to_string_lossy().into_owned();

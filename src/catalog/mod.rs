@@ -31,6 +31,9 @@ use crate::view::{self, SliceView, View};
 pub use info::rfc3339;
 
 pub type Ino = u64;
+
+/// Extents walked at most to count a file's allocated bytes (a second or so).
+const MAX_WALK_STEPS: u64 = 1 << 20;
 pub const ROOT: Ino = 1;
 
 pub enum Content {
@@ -75,16 +78,22 @@ impl Node {
     }
 
     /// Bytes the file really takes: data extents for views (zeros and
-    /// unallocated ranges take none).
+    /// unallocated ranges take none). When the map cannot be walked (damage,
+    /// or too many runs), the whole size: claiming holes that are not there
+    /// would make `tar --sparse` and `cp --sparse` drop data.
     pub fn allocated(&self) -> u64 {
         *self.allocated.get_or_init(|| match &self.content {
             Content::Dir(_) => 0,
             Content::Bytes(b) => b.len() as u64,
             Content::Lazy(l) => l.bytes().len() as u64,
-            Content::View(v) => view::allocated_bytes(v.as_ref()).unwrap_or_else(|e| {
-                warn!("cannot compute allocated size: {e}");
-                0
-            }),
+            Content::View(v) => match view::allocated_bytes(v.as_ref(), MAX_WALK_STEPS) {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => v.size(),
+                Err(e) => {
+                    warn!("cannot compute allocated size, reporting it as fully allocated: {e}");
+                    v.size()
+                }
+            },
         })
     }
 }

@@ -58,8 +58,10 @@ pub fn escape(raw: &[u8]) -> String {
 /// Entry names for snapshots given as (id, name) in table order.
 pub fn snapshot_entries(snaps: &[(&str, &[u8])]) -> Vec<String> {
     let mut name_count: HashMap<&[u8], usize> = HashMap::new();
-    for (_, name) in snaps {
+    let mut id_count: HashMap<&[u8], usize> = HashMap::new();
+    for (id, name) in snaps {
         *name_count.entry(name).or_default() += 1;
+        *id_count.entry(id.as_bytes()).or_default() += 1;
     }
     let id_form = |id: &str, name: &[u8]| {
         if name.is_empty() {
@@ -70,14 +72,14 @@ pub fn snapshot_entries(snaps: &[(&str, &[u8])]) -> Vec<String> {
     };
     let mut entries: Vec<(String, bool)> = snaps
         .iter()
-        .enumerate()
-        .map(|(i, (id, name))| {
-            let clashes_with_id =
-                snaps.iter().enumerate().any(|(j, (other, _))| j != i && other.as_bytes() == *name);
+        .map(|&(id, name)| {
+            // Another snapshot's ID (its own ID may equal its name).
+            let same_id = usize::from(id.as_bytes() == name);
+            let clashes_with_id = id_count.get(name).copied().unwrap_or(0) > same_id;
             let plain = !name.is_empty()
                 && name_count[name] == 1
                 && !clashes_with_id
-                && escape(name).as_bytes() == *name
+                && escape(name).as_bytes() == name
                 && name.len() <= NAME_MAX;
             if plain {
                 (escape(name), true)
@@ -95,18 +97,38 @@ pub fn snapshot_entries(snaps: &[(&str, &[u8])]) -> Vec<String> {
         }
     }
     let counts = count(&entries);
-    entries
+    let suffixed: Vec<String> = entries
         .into_iter()
         .enumerate()
         .map(|(i, (e, _))| {
             if counts[&e] > 1 || e.len() > NAME_MAX {
-                let suffix = format!("~{}", i + 1);
-                format!("{}{suffix}", truncate(&e, NAME_MAX - suffix.len()))
+                with_suffix(&e, &format!("~{}", i + 1))
             } else {
                 e
             }
         })
+        .collect();
+    // A suffixed entry can still meet a name that already ends that way
+    // (only in hostile tables): the later one gets another suffix.
+    let mut used = std::collections::HashSet::new();
+    suffixed
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let mut name = e.clone();
+            let mut k = 2;
+            while !used.insert(name.clone()) {
+                name = with_suffix(&e, &format!("~{}~{k}", i + 1));
+                k += 1;
+            }
+            name
+        })
         .collect()
+}
+
+/// `base` shortened so that `base + suffix` fits a file name.
+fn with_suffix(base: &str, suffix: &str) -> String {
+    format!("{}{suffix}", truncate(base, NAME_MAX - suffix.len()))
 }
 
 fn count(entries: &[(String, bool)]) -> HashMap<String, usize> {
@@ -169,6 +191,13 @@ mod tests {
         assert_eq!(got[0], "1~1");
         assert_eq!(got[1], "1~2");
         assert!(got[2].len() <= 255 && got[3].len() <= 255 && got[2] != got[3]);
+    }
+
+    #[test]
+    fn repeated_ids_never_collide() {
+        let got = entries(&[("1", "x~3"), ("x", ""), ("x", "")]);
+        let unique: std::collections::HashSet<_> = got.iter().collect();
+        assert_eq!(unique.len(), 3, "{got:?}");
     }
 
     #[test]

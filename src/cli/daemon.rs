@@ -124,13 +124,20 @@ fn limit_heap_slack() {
 /// Serves until unmounted (`umount`, `snapmount umount`) or signalled.
 fn serve(mut session: Session<SnapFs>, mountpoint: &Path) -> Result<()> {
     let mut unmounter = session.unmount_callable();
+    let target = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())?;
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || {
+        .spawn(move || loop {
             let sig = wait_for_signal();
             info!("signal {sig}: unmounting");
             if let Err(e) = unmounter.unmount() {
-                tracing::error!("unmount failed: {e}");
+                // Busy (a file is open): detach it now; the kernel finishes
+                // the unmount when the last user goes, and the session ends.
+                tracing::warn!("unmount failed ({e}); detaching the mount");
+                // SAFETY: a valid NUL-terminated path.
+                if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+                    tracing::error!("detaching failed: {}", std::io::Error::last_os_error());
+                }
             }
         })
         .context("cannot start the signal thread")?;

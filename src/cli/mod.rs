@@ -50,7 +50,7 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         password_file: Option<PathBuf>,
         /// Bound of the block cache.
-        #[arg(long, value_name = "SIZE", default_value = DEFAULT_CACHE, value_parser = parse_size)]
+        #[arg(long, value_name = "SIZE", default_value = DEFAULT_CACHE, value_parser = parse_cache_size)]
         cache_size: u64,
     },
     /// Unmount a snapmount mountpoint (also cleans a stale one).
@@ -70,7 +70,7 @@ pub struct MountArgs {
     #[arg(short, long)]
     pub foreground: bool,
     /// Bound of the block cache of decompressed clusters and tables.
-    #[arg(long, value_name = "SIZE", default_value = DEFAULT_CACHE, value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = DEFAULT_CACHE, value_parser = parse_cache_size)]
     pub cache_size: u64,
     /// Let other users read the mount (needs user_allow_other in
     /// /etc/fuse.conf when not root).
@@ -108,6 +108,15 @@ fn parse_umask(text: &str) -> Result<u16, String> {
     u16::from_str_radix(text, 8).ok().filter(|m| *m <= 0o7777).ok_or_else(|| format!("'{text}' is not an octal umask"))
 }
 
+/// A cache size, at least the minimum that holds the largest blocks.
+pub fn parse_cache_size(text: &str) -> Result<u64, String> {
+    let bytes = parse_size(text)?;
+    if bytes < snapmount::cache::MIN_CAPACITY {
+        return Err(format!("'{text}' is too small; the cache needs at least 16M"));
+    }
+    Ok(bytes)
+}
+
 impl MountArgs {
     /// Folds `-o` options into the typed fields; options mount(8) adds that
     /// mean nothing here are accepted and ignored.
@@ -127,7 +136,7 @@ impl MountArgs {
                 "uid" => self.uid = Some(need(value)?.parse().map_err(|_| anyhow::anyhow!("bad uid in '{opt}'"))?),
                 "gid" => self.gid = Some(need(value)?.parse().map_err(|_| anyhow::anyhow!("bad gid in '{opt}'"))?),
                 "umask" => self.umask = Some(parse_umask(&need(value)?).map_err(anyhow::Error::msg)?),
-                "cache_size" | "cache-size" => self.cache_size = parse_size(&need(value)?).map_err(anyhow::Error::msg)?,
+                "cache_size" | "cache-size" => self.cache_size = parse_cache_size(&need(value)?).map_err(anyhow::Error::msg)?,
                 "password_file" => self.password_file = Some(need(value)?.into()),
                 "log_file" => self.log_file = Some(need(value)?.into()),
                 "threads" => self.threads = Some(need(value)?.parse().map_err(|_| anyhow::anyhow!("bad thread count in '{opt}'"))?),

@@ -193,8 +193,11 @@ impl Header {
             )));
         }
         if h.extended_l2() && cluster_bits < 14 {
-            // QEMU creates none; its reader would accept it, and so do we: the
-            // subcluster arithmetic holds for any cluster size >= 32 * 16 bytes.
+            // QEMU refuses these too ("Unsupported subcluster size").
+            return Err(bad(format!(
+                "extended L2 entries with {} byte clusters (subclusters under 512 bytes) are not supported",
+                1u64 << cluster_bits
+            )));
         }
         match h.crypt_method {
             0 => {}
@@ -212,6 +215,8 @@ impl Header {
                 return Err(bad("bad header: backing file name out of the first cluster".into()));
             }
             let name = &first[backing_offset as usize..(backing_offset + backing_len as u64) as usize];
+            // QEMU treats it as a C string: a NUL ends it.
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
             let name = String::from_utf8(name.to_vec())
                 .map_err(|_| bad("backing file name is not valid UTF-8".into()))?;
             if !name.is_empty() {
@@ -276,9 +281,11 @@ impl Header {
                     if len > 15 {
                         return Err(bad("backing format name too long"));
                     }
+                    let data = &data[..data.iter().position(|&b| b == 0).unwrap_or(data.len())];
                     self.backing_format = Some(String::from_utf8_lossy(data).into_owned());
                 }
                 EXT_DATA_FILE => {
+                    let data = &data[..data.iter().position(|&b| b == 0).unwrap_or(data.len())];
                     let name = String::from_utf8(data.to_vec())
                         .map_err(|_| bad("data file name is not valid UTF-8"))?;
                     self.data_file = Some(name);

@@ -14,6 +14,10 @@ use super::header::Header;
 use super::l2::{self, Geometry, Mapping};
 use super::snapshot::{self, Snapshot};
 
+/// Files larger than this cannot be described to the kernel (offsets are
+/// signed 64-bit); hostile sizes are clipped to it.
+const MAX_VIEW_SIZE: u64 = i64::MAX as u64 & !511;
+
 /// The image a qcow2 file reads through for unallocated clusters.
 pub struct Backing {
     /// The name as stored in the header.
@@ -107,14 +111,14 @@ impl Qcow2Image {
             image: self.clone(),
             table: Table::Active,
             base: 0,
-            size: self.header.virtual_size(),
+            size: self.header.virtual_size().min(MAX_VIEW_SIZE),
         }
     }
 
     /// The disk as it was when snapshot `index` was taken.
     pub fn snapshot_view(self: &Arc<Self>, index: usize) -> Qcow2View {
         let s = &self.snapshots[index];
-        Qcow2View { image: self.clone(), table: Table::Snapshot(index), base: 0, size: s.disk_size & !511 }
+        Qcow2View { image: self.clone(), table: Table::Snapshot(index), base: 0, size: s.disk_size.min(MAX_VIEW_SIZE) & !511 }
     }
 
     /// The VM state saved with snapshot `index`: stored in the snapshot's L1
@@ -123,7 +127,7 @@ impl Qcow2Image {
         let s = &self.snapshots[index];
         let cover = self.geo.l1_coverage();
         let base = s.disk_size.div_ceil(cover).saturating_mul(cover);
-        let size = s.vm_state_size.min(u64::MAX - base);
+        let size = s.vm_state_size.min(MAX_VIEW_SIZE.saturating_sub(base));
         Qcow2View { image: self.clone(), table: Table::Snapshot(index), base, size }
     }
 
@@ -132,6 +136,9 @@ impl Qcow2Image {
             Table::Active => Ok(self.active_l1.clone()),
             Table::Snapshot(i) => {
                 let s = &self.snapshots[i];
+                if let Some(why) = &s.l1_error {
+                    return Err(Error::corrupt(&self.path, 0, format!("snapshot {}: {why}", s.id)));
+                }
                 // Two snapshots may share one table offset with different
                 // sizes (in a hostile image): the size is part of the key.
                 let key = BlockKey {
@@ -198,7 +205,7 @@ impl Qcow2Image {
 
     /// The decompressed cluster, from the cache or from disk.
     fn compressed_cluster(&self, coffset: u64, csize: u64, guest: u64) -> Result<Arc<[u8]>> {
-        let key = BlockKey { file: self.file.id(), kind: BlockKind::Decompressed, offset: coffset };
+        let key = BlockKey { file: self.file.id(), kind: BlockKind::Cluster { stored: csize }, offset: coffset };
         self.cache.get_or_load(key, || {
             let mut cluster = new_block(self.geo.cluster_size() as usize);
             with_scratch(csize as usize, |stored| {
@@ -226,7 +233,7 @@ impl Qcow2Image {
         while pos < guest + len {
             let Ok((mapping, run)) = self.lookup(l1, pos) else { return };
             if let Mapping::Compressed { coffset, csize } = mapping {
-                let key = BlockKey { file: self.file.id(), kind: BlockKind::Decompressed, offset: coffset };
+                let key = BlockKey { file: self.file.id(), kind: BlockKind::Cluster { stored: csize }, offset: coffset };
                 if self.cache.get(&key).is_none() {
                     todo.push((coffset, csize, pos));
                 }

@@ -65,9 +65,8 @@ pub fn decode(g: &Geometry, entry: u64, bitmap: u64, guest: u64) -> Result<Mappi
         if g.external_data {
             return Err("compressed cluster in an image with an external data file".into());
         }
-        if g.extended_l2 && bitmap != 0 {
-            return Err(format!("compressed cluster with a non-zero subcluster bitmap {bitmap:#x}"));
-        }
+        // The bitmap of a compressed entry is reserved; QEMU ignores it.
+        let _ = bitmap;
         // A.6: the sector-count field sits above a (70 - cluster_bits)-bit offset.
         let x = 70 - g.cluster_bits;
         let coffset = entry & ((1u64 << x) - 1);
@@ -95,7 +94,9 @@ pub fn decode(g: &Geometry, entry: u64, bitmap: u64, guest: u64) -> Result<Mappi
             if g.version < 3 {
                 return Err("zero cluster entry in a version 2 image".into());
             }
-            if allocated {
+            // ZERO_ALLOC only with a real offset; with offset 0 it is
+            // ZERO_PLAIN even in a data-file image (COPIED or not).
+            if offset != 0 {
                 check_offset()?;
             }
             return Ok(Mapping::Zero);
@@ -166,6 +167,8 @@ mod tests {
         assert_eq!(decode(&g, e, bm, 4097).unwrap(), Mapping::Data { host: 0x50000 + 4097 });
         assert_eq!(decode(&g, e, bm, 8192).unwrap(), Mapping::Zero);
         assert!(decode(&g, e, 0x1_0000_0001, 0).is_err());
+        // A compressed entry's bitmap is ignored, as QEMU does.
+        assert!(matches!(decode(&g, 0x4340_0000_0005_0000, 0xff, 0), Ok(Mapping::Compressed { .. })));
         assert!(decode(&g, 0, 1, 0).is_err());
     }
 

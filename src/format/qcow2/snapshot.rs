@@ -28,6 +28,9 @@ pub struct Snapshot {
     pub disk_size: u64,
     /// `None` when the entry lacks the field.
     pub icount: Option<u64>,
+    /// Why this snapshot's L1 table cannot be used (its views then fail
+    /// their reads; the image and its other snapshots still work, as in QEMU).
+    pub l1_error: Option<String>,
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -95,12 +98,13 @@ pub fn read_table(path: &Path, file: &FileSource, h: &Header) -> Result<Vec<Snap
         let id = String::from_utf8_lossy(&e[ids..ids + id_len as usize]).into_owned();
         let names = ids + id_len as usize;
         let name = e[names..names + name_len as usize].to_vec();
-        if l1_table_offset % h.cluster_size() != 0 {
-            return Err(bad(i, format!("L1 table offset {l1_table_offset:#x} unaligned")));
-        }
-        if l1_size as u64 * 8 > MAX_L1_BYTES {
-            return Err(bad(i, format!("L1 table of {l1_size} entries is too large")));
-        }
+        let l1_error = if l1_table_offset % h.cluster_size() != 0 {
+            Some(format!("L1 table offset {l1_table_offset:#x} unaligned"))
+        } else if l1_size as u64 * 8 > MAX_L1_BYTES {
+            Some(format!("L1 table of {l1_size} entries is too large"))
+        } else {
+            None
+        };
         out.push(Snapshot {
             l1_table_offset,
             l1_size,
@@ -112,6 +116,7 @@ pub fn read_table(path: &Path, file: &FileSource, h: &Header) -> Result<Vec<Snap
             vm_state_size,
             disk_size,
             icount,
+            l1_error,
         });
         pos += total;
     }
