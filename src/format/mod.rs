@@ -2,6 +2,7 @@
 
 pub mod hexz;
 pub mod qcow2;
+mod zstd;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -2,11 +2,11 @@
 //! bytes, AES-256-GCM decryption, then LZ4 or zstd into exactly `logical_len`
 //! bytes (research note hexz.md §6).
 
-use std::cell::RefCell;
-
 use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
-use zstd::zstd_safe::{self, DCtx, DDict, DParameter};
+use zstd::zstd_safe::DDict;
+
+use crate::format::zstd::{error_name, with_dctx};
 
 use super::header::Codec;
 
@@ -14,10 +14,6 @@ use super::header::Codec;
 /// more is refused rather than allocated.
 pub const MAX_BLOCK: u32 = 64 << 20;
 const ZSTD_MAX_WINDOW_LOG: u32 = 27;
-
-thread_local! {
-    static ZSTD: RefCell<Option<DCtx<'static>>> = const { RefCell::new(None) };
-}
 
 /// The key of an encrypted archive, derived once when it is opened.
 pub struct Key(Aes256Gcm);
@@ -52,15 +48,7 @@ pub fn decompress(codec: Codec, dict: Option<&DDict<'static>>, data: &[u8], out:
             }
             Ok(())
         }
-        Codec::Zstd => ZSTD.with(|cell| {
-            let mut slot = cell.borrow_mut();
-            if slot.is_none() {
-                let mut ctx = DCtx::try_create().ok_or("cannot create a zstd context")?;
-                ctx.set_parameter(DParameter::WindowLogMax(ZSTD_MAX_WINDOW_LOG))
-                    .map_err(|c| zstd_safe::get_error_name(c).to_string())?;
-                *slot = Some(ctx);
-            }
-            let ctx = slot.as_mut().unwrap();
+        Codec::Zstd => with_dctx(ZSTD_MAX_WINDOW_LOG, |ctx| {
             let result = match dict {
                 Some(d) => ctx.decompress_using_ddict(out, data, d),
                 None => ctx.decompress(out, data),
@@ -68,10 +56,7 @@ pub fn decompress(codec: Codec, dict: Option<&DDict<'static>>, data: &[u8], out:
             match result {
                 Ok(n) if n == out.len() => Ok(()),
                 Ok(n) => Err(format!("zstd block decompressed to {n} bytes, not {}", out.len())),
-                Err(c) => {
-                    *slot = None;
-                    Err(format!("zstd block is damaged: {}", zstd_safe::get_error_name(c)))
-                }
+                Err(c) => Err(format!("zstd block is damaged: {}", error_name(c))),
             }
         }),
     }

@@ -8,7 +8,9 @@
 use std::cell::RefCell;
 
 use flate2::{Decompress, FlushDecompress, Status};
-use zstd::zstd_safe::{self, DCtx, DParameter, InBuffer, OutBuffer};
+use zstd::zstd_safe::{DCtx, InBuffer, OutBuffer};
+
+use crate::format::zstd::{error_name, with_dctx};
 
 use super::header::Compression;
 
@@ -18,7 +20,6 @@ const ZSTD_MAX_WINDOW_LOG: u32 = 23;
 
 thread_local! {
     static INFLATE: RefCell<Decompress> = RefCell::new(Decompress::new(false));
-    static ZSTD: RefCell<Option<DCtx<'static>>> = const { RefCell::new(None) };
 }
 
 /// Decompresses `input` into `out`, which must be filled exactly.
@@ -50,24 +51,7 @@ fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), String> {
 }
 
 fn unzstd(input: &[u8], out: &mut [u8]) -> Result<(), String> {
-    ZSTD.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            let mut ctx = DCtx::try_create().ok_or("cannot create a zstd context")?;
-            ctx.set_parameter(DParameter::WindowLogMax(ZSTD_MAX_WINDOW_LOG))
-                .map_err(|c| zstd_safe::get_error_name(c).to_string())?;
-            *slot = Some(ctx);
-        }
-        let ctx = slot.as_mut().unwrap();
-        ctx.reset(zstd_safe::ResetDirective::SessionOnly)
-            .map_err(|c| zstd_safe::get_error_name(c).to_string())?;
-        let result = zstd_loop(ctx, input, out);
-        if result.is_err() {
-            // Leave no half-decoded frame behind for the next cluster.
-            *slot = None;
-        }
-        result
-    })
+    with_dctx(ZSTD_MAX_WINDOW_LOG, |ctx| zstd_loop(ctx, input, out))
 }
 
 /// QEMU's loop (qcow2-threads.c): decompress until the cluster is full, fail
@@ -80,7 +64,7 @@ fn zstd_loop(ctx: &mut DCtx<'static>, input: &[u8], out: &mut [u8]) -> Result<()
         let (in_before, out_before) = (inb.pos, outb.pos());
         let hint = ctx
             .decompress_stream(&mut outb, &mut inb)
-            .map_err(|c| format!("zstd stream is damaged: {}", zstd_safe::get_error_name(c)))?;
+            .map_err(|c| format!("zstd stream is damaged: {}", error_name(c)))?;
         if outb.pos() == want {
             if hint != 0 {
                 return Err("zstd frame does not end at the cluster end".into());
