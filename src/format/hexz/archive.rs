@@ -109,20 +109,34 @@ impl HexzArchive {
     }
 
     /// The block entries of one index page, from the cache or the file.
+    /// One index page from the cache or the file, as cached: the page as
+    /// stored (a count, then 52-byte entries), followed by each block's
+    /// logical end (u64 LE), so a read finds its block by binary search
+    /// instead of walking up to 4096 entries.
     fn page(&self, entry: &PageEntry) -> Result<Arc<[u8]>> {
         let key = BlockKey { file: self.file.id(), kind: BlockKind::Table, offset: entry.offset };
-        let page = self.cache.get_or_load(key, || {
+        self.cache.get_or_load(key, || {
             if entry.offset.checked_add(entry.length as u64).is_none_or(|e| e > self.file.len()) {
                 return Err(self.corrupt(entry.start_logical, "index page runs past the end of the file"));
             }
-            let mut raw = new_block(entry.length as usize);
-            self.file.read_at(block_mut(&mut raw), entry.offset)?;
-            Ok(raw)
-        })?;
-        if index::page_count(&page, BLOCK_INFO_SIZE).is_none() {
-            return Err(self.corrupt(entry.start_logical, "index page length does not match its entry count"));
-        }
-        Ok(page)
+            let len = entry.length as usize;
+            let mut count = [0u8; 8];
+            self.file.read_at(&mut count, entry.offset)?;
+            let n = u64::from_le_bytes(count);
+            if n.checked_mul(BLOCK_INFO_SIZE).and_then(|b| b.checked_add(8)) != Some(len as u64) {
+                return Err(self.corrupt(entry.start_logical, "index page length does not match its entry count"));
+            }
+            let mut page = new_block(len + 8 * n as usize);
+            let bytes = block_mut(&mut page);
+            self.file.read_at(&mut bytes[..len], entry.offset)?;
+            let mut end = entry.start_logical;
+            for j in 0..n as usize {
+                let info = BlockInfo::parse(&bytes[8 + j * 52..8 + j * 52 + 52]);
+                end = end.saturating_add(info.logical_len as u64);
+                bytes[len + j * 8..len + j * 8 + 8].copy_from_slice(&end.to_le_bytes());
+            }
+            Ok(page)
+        })
     }
 
     fn corrupt(&self, offset: u64, msg: impl Into<String>) -> Error {
@@ -149,8 +163,10 @@ impl HexzArchive {
                 }
             }
             let page = self.page(entry)?;
-            let mut start = entry.start_logical;
-            for (j, raw) in page[8..].chunks_exact(BLOCK_INFO_SIZE as usize).enumerate() {
+            let (entries, ends) = page_parts(&page);
+            let first_block = ends.first_ending_after(pos);
+            let mut start = if first_block == 0 { entry.start_logical } else { ends.end(first_block - 1) };
+            for (j, raw) in entries.chunks_exact(BLOCK_INFO_SIZE as usize).enumerate().skip(first_block) {
                 let info = BlockInfo::parse(raw);
                 let end = start.saturating_add(info.logical_len as u64);
                 if end > pos && info.logical_len > 0 {
@@ -210,7 +226,8 @@ impl HexzArchive {
     /// the read itself to meet and report.
     fn decode_ahead(&self, stream: Stream, from: u64, to: u64) {
         let cpus = crate::cpus();
-        if cpus < 2 {
+        // A small read spans one or two blocks: nothing to share out.
+        if cpus < 2 || to - from < 128 << 10 {
             return;
         }
         let mut todo = Vec::new();
@@ -316,7 +333,7 @@ impl HexzArchive {
                             continue;
                         }
                     };
-                    for (j, raw) in page[8..].chunks_exact(BLOCK_INFO_SIZE as usize).enumerate() {
+                    for (j, raw) in page_parts(&page).0.chunks_exact(BLOCK_INFO_SIZE as usize).enumerate() {
                         let info = BlockInfo::parse(raw);
                         if info.hash == [0; 32] || info.is_parent_ref() {
                             continue;
@@ -382,6 +399,40 @@ impl HexzArchive {
         let mut e = found.unwrap_or(Extent { len: limit - offset, data: false });
         e.len = e.len.clamp(1, limit - offset);
         Ok(e)
+    }
+}
+
+/// A cached page's entries (52 bytes each) and its blocks' logical ends.
+fn page_parts(page: &[u8]) -> (&[u8], Ends<'_>) {
+    let n = u64::from_le_bytes(page[..8].try_into().unwrap()) as usize;
+    let entries_end = 8 + n * BLOCK_INFO_SIZE as usize;
+    (&page[8..entries_end], Ends(&page[entries_end..]))
+}
+
+/// The u64 LE block ends appended to a cached page.
+struct Ends<'a>(&'a [u8]);
+
+impl Ends<'_> {
+    fn len(&self) -> usize {
+        self.0.len() / 8
+    }
+
+    fn end(&self, j: usize) -> u64 {
+        u64::from_le_bytes(self.0[j * 8..j * 8 + 8].try_into().unwrap())
+    }
+
+    /// The first block that ends past `pos` (ends are non-decreasing).
+    fn first_ending_after(&self, pos: u64) -> usize {
+        let (mut lo, mut hi) = (0, self.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.end(mid) <= pos {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
     }
 }
 
@@ -535,7 +586,7 @@ impl HexzArchive {
                     st.unreadable_pages += 1;
                     continue;
                 };
-                for raw in page[8..].chunks_exact(BLOCK_INFO_SIZE as usize) {
+                for raw in page_parts(&page).0.chunks_exact(BLOCK_INFO_SIZE as usize) {
                     let info = BlockInfo::parse(raw);
                     st.entries += 1;
                     st.logical_bytes += info.logical_len as u64;
@@ -560,7 +611,7 @@ impl HexzArchive {
         for stream in [Stream::Main, Stream::Auxiliary] {
             for entry in self.pages(stream) {
                 let page = self.page(entry)?;
-                for (j, raw) in page[8..].chunks_exact(BLOCK_INFO_SIZE as usize).enumerate() {
+                for (j, raw) in page_parts(&page).0.chunks_exact(BLOCK_INFO_SIZE as usize).enumerate() {
                     let info = BlockInfo::parse(raw);
                     if info.is_parent_ref() || info.is_sparse() {
                         continue;

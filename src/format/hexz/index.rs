@@ -89,10 +89,3 @@ pub fn parse_master(bytes: &[u8]) -> WireResult<MasterIndex> {
     }
     Ok(MasterIndex { main_pages, aux_pages, main_size, aux_size })
 }
-
-/// Checks an index page's framing: a u64 count then `count` entries of
-/// `entry` bytes, exactly filling `page.length`.
-pub fn page_count(page: &[u8], entry: u64) -> Option<u64> {
-    let n = u64::from_le_bytes(page.get(0..8)?.try_into().unwrap());
-    (n.checked_mul(entry)?.checked_add(8)? == page.len() as u64).then_some(n)
-}
