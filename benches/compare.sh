@@ -17,6 +17,7 @@
 #   BENCH_REPEAT   repetitions of every throughput measurement (default 3; medians)
 #   BENCH_MOUNT_REPEAT  repetitions of every mount-time measurement (default 5)
 #   BENCH_RUNTIME  seconds per random-read fio run (default 10)
+#   BENCH_WARM_PASSES   warm buffered re-reads, each a new open (default 5)
 #   BENCH_CACHE    snapmount --cache-size for every measurement (default 256M)
 #   BENCH_KEEP     1: keep the scratch dir (the default when BENCH_DIR is given)
 #
@@ -37,6 +38,7 @@ BENCH_SIZE=${BENCH_SIZE:-1G}
 BENCH_REPEAT=${BENCH_REPEAT:-3}
 BENCH_MOUNT_REPEAT=${BENCH_MOUNT_REPEAT:-5}
 BENCH_RUNTIME=${BENCH_RUNTIME:-10}
+BENCH_WARM_PASSES=${BENCH_WARM_PASSES:-5}
 BENCH_CACHE=${BENCH_CACHE:-256M}
 if [[ -n ${BENCH_DIR:-} ]]; then
     BENCH_KEEP=${BENCH_KEEP:-1}
@@ -127,6 +129,11 @@ build() {
         if (cd "$REPO" && cargo build --release && cargo build --release --example zerofs) >"$LOGS/build.log" 2>&1; then
             mkdir -p "$BENCH_DIR/bin"
             cp "$REPO/target/release/snapmount" "$REPO/target/release/examples/zerofs" "$BENCH_DIR/bin/"
+            # What was built (src/ may change while this runs).
+            BUILT_FROM="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
+            if ! git -C "$REPO" diff --quiet HEAD -- src Cargo.toml 2>/dev/null; then
+                BUILT_FROM+=" + uncommitted changes in src/"
+            fi
             SNAPMOUNT=$BENCH_DIR/bin/snapmount
             ZEROFS=$BENCH_DIR/bin/zerofs
             return
@@ -344,20 +351,26 @@ fio_json() {
         --output-format=json --output="$out" "$@" >/dev/null
 }
 
-# Reads a number out of fio's JSON: "bw" (MB/s) or "iops" of the read side.
+# fio_value JSON... bw|iops: the read side's MB/s (over all the files:
+# total bytes / total time) or IOPS.
 fio_value() {
-    python3 - "$1" "$2" <<'EOF'
+    python3 - "$@" <<'EOF'
 import json, sys
-job = json.load(open(sys.argv[1]))["jobs"][0]["read"]
-print(f"{job['bw_bytes'] / 1e6:.1f}" if sys.argv[2] == "bw" else f"{job['iops']:.0f}")
+*files, what = sys.argv[1:]
+jobs = [json.load(open(f))["jobs"][0]["read"] for f in files]
+if what == "bw":
+    print(f"{sum(j['io_bytes'] for j in jobs) / sum(j['runtime'] for j in jobs) * 1000 / 1e6:.1f}")
+else:
+    print(f"{jobs[0]['iops']:.0f}")
 EOF
 }
 
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"; }
 
 seq_read() {   # seq_read DIRECT(0|1) JSON
-    fio_json "$2" --rw=read --bs=1M --direct="$1" --size="$BYTES"
-    fio_value "$2" bw
+    local direct=$1 json=$2
+    fio_json "$json" --rw=read --bs=1M --direct="$direct" --size="$BYTES"
+    fio_value "$json" bw
 }
 
 rand_read() {   # rand_read THREADS JSON
@@ -389,7 +402,7 @@ status_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 # measure METRIC TOOL IMAGE REP: one sample, each on a fresh mount with cold
 # caches (the warm buffered pass rides on the cold buffered one).
 measure() {
-    local metric=$1 tool=$2 image=$3 rep=$4 label=$3 json v
+    local metric=$1 tool=$2 image=$3 rep=$4 label=$3 json v shown
     if [[ $tool == zerofs || $tool == rawfile ]]; then label=-; fi
     json=$LOGS/$metric-$image-$tool-$rep.json
     drop_caches
@@ -398,23 +411,37 @@ measure() {
         seq_direct)
             v=$(seq_read 1 "$json")
             record seq_direct "$label" "$tool" "$rep" "$v"
+            shown="cold $v"
             # Again on the same mount: the daemon's reads of the image now hit
             # the host page cache, so this is the daemon's own speed, not the
             # disk's. (The host file has no daemon: its O_DIRECT is the disk.)
             if [[ $tool != rawfile ]]; then
                 v=$(seq_read 1 "${json%.json}-hot.json")
                 record seq_direct_hot "$label" "$tool" "$rep" "$v"
+                shown+=", image cached $v"
             fi
             ;;
         seq_buf)
             v=$(seq_read 0 "$json")
             record seq_buf "$label" "$tool" "$rep" "$v"
-            v=$(seq_read 0 "${json%.json}-warm.json")
+            shown="cold $v"
+            # Warm: read it again, now that it is in the page cache. Each
+            # pass opens the file anew (as a second `dd` or `cp` would: QSD
+            # drops the cache on open); several passes, because one takes
+            # ~0.1 s, too short to time alone on a busy machine.
+            local pass warm=()
+            for ((pass = 1; pass <= BENCH_WARM_PASSES; pass++)); do
+                warm+=("${json%.json}-warm$pass.json")
+                fio_json "${warm[-1]}" --rw=read --bs=1M --direct=0 --size="$BYTES"
+            done
+            v=$(fio_value "${warm[@]}" bw)
             record seq_warm "$label" "$tool" "$rep" "$v"
+            shown+=", warm $v"
             ;;
         rand1)
             v=$(rand_read 1 "$json")
             record rand1 "$label" "$tool" "$rep" "$v"
+            shown="$v IOPS"
             ;;
         rand4)
             local rss_file=$BENCH_DIR/rss.tmp
@@ -425,10 +452,12 @@ measure() {
             fi
             v=$(rand_read 4 "$json")
             record rand4 "$label" "$tool" "$rep" "$v"
+            shown="$v IOPS"
             if [[ -n $PID ]]; then
                 # VmHWM: the daemon's peak resident set since it started,
                 # i.e. over this mount and this run.
                 record rss_hwm "$label" "$tool" "$rep" "$(($(status_kib "$PID" VmHWM) / 1024))"
+                shown+=", VmHWM $(($(status_kib "$PID" VmHWM) / 1024)) MiB"
                 kill "$SAMPLER_PID" 2>/dev/null
                 wait "$SAMPLER_PID" 2>/dev/null || true
                 SAMPLER_PID=
@@ -437,7 +466,7 @@ measure() {
             ;;
     esac
     umount_tool "$tool"
-    log "  $metric $image $tool #$rep: $v"
+    log "  $metric $image $tool #$rep: $shown"
 }
 
 tools_for() {
@@ -511,7 +540,7 @@ main() {
     make_data
     {
         echo "# snapmount benches/compare.sh $(date -u +%FT%TZ) size=$BENCH_SIZE repeat=$BENCH_REPEAT"
-        echo "# $(uname -sr), $(nproc) CPUs, snapmount at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet HEAD -- src 2>/dev/null || echo ' + uncommitted src changes')"
+        echo "# $(uname -sr), $(nproc) CPUs, snapmount built from $BUILT_FROM"
         echo "# load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)"
     } >"$RESULTS"
     throughput

@@ -20,7 +20,7 @@ METRICS = [
     ("seq_direct", "seq 1 MiB O_DIRECT, cold", "MB/s", True),
     ("seq_direct_hot", "seq 1 MiB O_DIRECT, image in host page cache", "MB/s", True),
     ("seq_buf", "seq 1 MiB buffered, cold", "MB/s", True),
-    ("seq_warm", "seq 1 MiB buffered, warm 2nd pass", "MB/s", True),
+    ("seq_warm", "seq 1 MiB buffered, warm re-reads (new open each)", "MB/s", True),
     ("rand1", "rand 4 KiB O_DIRECT, 1 thread", "IOPS", True),
     ("rand4", "rand 4 KiB O_DIRECT, 4 threads", "IOPS", True),
     ("rss_hwm", "daemon peak RSS (VmHWM), rand 4 threads", "MiB", False),
