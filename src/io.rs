@@ -46,6 +46,8 @@ struct Readahead {
 
 /// How far ahead of a sequential reader the file is fetched.
 const READAHEAD_WINDOW: u64 = 8 << 20;
+/// How close to the previous read's end a read counts as sequential.
+const NEAR: u64 = 2 << 20;
 
 impl FileSource {
     pub fn open(path: &Path) -> Result<Self> {
@@ -120,15 +122,16 @@ impl FileSource {
         Ok(())
     }
 
-    /// When this read continues the previous one (give or take a small gap,
-    /// as between compressed clusters), asks the kernel to start reading
-    /// the next window in the background (POSIX_FADV_WILLNEED does not wait).
+    /// When this read lands near where the previous one ended (compressed
+    /// clusters leave small gaps, and the clusters of one request are read
+    /// by several threads, slightly out of order), asks the kernel to start
+    /// reading the next window in the background (POSIX_FADV_WILLNEED does
+    /// not wait).
     fn read_ahead(&self, offset: u64, len: u64) {
         let ra = &self.readahead;
         let end = offset.saturating_add(len);
         let last = ra.last_end.swap(end, Ordering::Relaxed);
-        let sequential = offset >= last && offset - last <= 64 << 10;
-        if !sequential {
+        if offset.abs_diff(last) > NEAR {
             return;
         }
         let advised = ra.advised.load(Ordering::Relaxed);
