@@ -20,3 +20,19 @@ pub fn cpus() -> usize {
     static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
+
+/// Runs `work` on every item, the items shared out over up to `cpus()`
+/// threads; returns when all are done. For warming the cache with the
+/// blocks of one large request.
+pub fn spread<T: Sync>(items: &[T], work: impl Fn(&T) + Sync) {
+    if items.len() < 2 {
+        return items.iter().for_each(work);
+    }
+    let per = items.len().div_ceil(cpus().min(items.len()));
+    let work = &work;
+    std::thread::scope(|scope| {
+        for chunk in items.chunks(per) {
+            scope.spawn(move || chunk.iter().for_each(work));
+        }
+    });
+}

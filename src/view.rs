@@ -36,32 +36,27 @@ pub trait View: Send + Sync {
 /// The first offset `>= from` that holds data, or `None` if none does
 /// (SEEK_DATA).
 pub fn seek_data(view: &dyn View, from: u64) -> Result<Option<u64>> {
-    let mut pos = from;
-    while pos < view.size() {
-        let e = view.extent(pos, u64::MAX)?;
-        if e.data {
-            return Ok(Some(pos));
-        }
-        pos += e.len;
-    }
-    Ok(None)
+    seek(view, from, true)
 }
 
 /// The first offset `>= from` that is a hole; the end of the view counts as
 /// one (SEEK_HOLE). `None` if `from` is past the end.
 pub fn seek_hole(view: &dyn View, from: u64) -> Result<Option<u64>> {
-    if from >= view.size() {
-        return Ok(None);
-    }
+    seek(view, from, false)
+}
+
+/// The first offset `>= from` whose extent holds data (`data`) or not.
+fn seek(view: &dyn View, from: u64, data: bool) -> Result<Option<u64>> {
     let mut pos = from;
     while pos < view.size() {
         let e = view.extent(pos, u64::MAX)?;
-        if !e.data {
+        if e.data == data {
             return Ok(Some(pos));
         }
         pos += e.len;
     }
-    Ok(Some(view.size()))
+    // The end of the view is a hole, never data.
+    Ok((!data && from < view.size()).then_some(view.size()))
 }
 
 /// Bytes of the view that hold data (what `st_blocks` reports), or `None`

@@ -306,9 +306,7 @@ impl Catalog {
 
     /// disk.raw, info.json, snapshots/ and backing/ of one qcow2 image.
     fn add_qcow2(&mut self, dir: Ino, image: &Arc<Qcow2Image>, times: Times) {
-        let snaps: Vec<(&str, &[u8])> =
-            image.snapshots().iter().map(|s| (s.id.as_str(), s.name.as_slice())).collect();
-        let entries = names::snapshot_entries(&snaps);
+        let entries = snapshot_entries(image);
         self.add(dir, Some("disk.raw"), Content::View(Arc::new(image.active_view())), times);
         let info = info::qcow2_info(image, &entries);
         self.add(dir, Some("info.json"), json_bytes(&info), times);
@@ -336,15 +334,11 @@ impl Catalog {
             while let Some(b) = link {
                 let file_name = b.path.file_name().map(|f| f.as_encoded_bytes().to_vec()).unwrap_or_default();
                 let name = format!("{n}-{}", names::escape(&file_name));
-                let btimes = FileSource::open(&b.path).map(|f| f.times()).unwrap_or(times);
+                let btimes = b.file.times();
                 let ldir = self.dir(bdir, &name, btimes);
                 self.add(ldir, Some("disk.raw"), Content::View(b.view.clone()), btimes);
                 let binfo = match &b.image {
-                    Some(img) => {
-                        let snaps: Vec<(&str, &[u8])> =
-                            img.snapshots().iter().map(|s| (s.id.as_str(), s.name.as_slice())).collect();
-                        info::qcow2_info(img, &names::snapshot_entries(&snaps))
-                    }
+                    Some(img) => info::qcow2_info(img, &snapshot_entries(img)),
                     None => info::raw_info(&b.path, b.view.size()),
                 };
                 self.add(ldir, Some("info.json"), json_bytes(&binfo), btimes);
@@ -353,6 +347,12 @@ impl Catalog {
             }
         }
     }
+}
+
+/// The directory entry name of each of an image's snapshots, in table order.
+fn snapshot_entries(image: &Qcow2Image) -> Vec<String> {
+    let snaps: Vec<(&str, &[u8])> = image.snapshots().iter().map(|s| (s.id.as_str(), s.name.as_slice())).collect();
+    names::snapshot_entries(&snaps)
 }
 
 fn json_bytes(v: &serde_json::Value) -> Content {

@@ -216,7 +216,8 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf> {
         bail!("{}: mountpoint is not a directory", path.display());
     }
     let path = std::fs::canonicalize(path).with_context(|| format!("{}: mountpoint", path.display()))?;
-    if is_mountpoint(&path) {
+    // A directory that is already a mountpoint would be hidden under ours.
+    if super::mountinfo::fs_type(&path).is_some() {
         bail!("{}: something is already mounted there (unmount it first: snapmount umount {})", path.display(), path.display());
     }
     Ok(path)
@@ -234,15 +235,6 @@ fn check_allow_other() -> Result<()> {
         bail!("allow_other needs 'user_allow_other' in /etc/fuse.conf (ask an administrator to add it), or mount as root");
     }
     Ok(())
-}
-
-/// A directory that is already a mountpoint would be hidden under ours.
-fn is_mountpoint(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let target = path.to_string_lossy().replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011").replace('\n', "\\012");
-    info.lines().any(|l| l.split(' ').nth(4) == Some(target.as_str()))
 }
 
 fn check_fuse_device() -> Result<()> {

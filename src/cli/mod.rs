@@ -4,6 +4,7 @@ mod daemon;
 mod export;
 mod info;
 pub mod log;
+mod mountinfo;
 mod password;
 mod size;
 mod umount;

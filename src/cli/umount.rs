@@ -7,17 +7,6 @@ use std::process::Command;
 
 use anyhow::{bail, Result};
 
-/// The filesystem type mounted at `path` (from /proc/self/mountinfo).
-fn fs_type(path: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = path.to_string_lossy().replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011");
-    info.lines().rev().find_map(|l| {
-        let fields: Vec<&str> = l.split(' ').collect();
-        let sep = fields.iter().position(|f| *f == "-")?;
-        (fields.get(4) == Some(&want.as_str())).then(|| fields.get(sep + 1).map(|t| t.to_string()))?
-    })
-}
-
 pub fn umount(mountpoint: &Path) -> Result<()> {
     // Only FUSE mounts: as root, this must not unmount anything else.
     // Resolve symlinks in the parent only: the mountpoint itself may be a
@@ -27,7 +16,7 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
         (Some(Ok(parent)), Some(name)) => parent.join(name),
         _ => abs,
     };
-    match fs_type(&abs) {
+    match super::mountinfo::fs_type(&abs) {
         Some(t) if t == "fuse" || t.starts_with("fuse.") => {}
         Some(t) => bail!("{}: not a snapmount mount (it is {t}); use umount(8) for that", mountpoint.display()),
         None => bail!("{}: not a mountpoint", mountpoint.display()),

@@ -144,13 +144,15 @@ fn open_backing(
         }
     };
     if format == "raw" {
-        let view: Arc<dyn View> = Arc::new(RawView::new(Arc::new(file)));
-        return Ok(Backing { name: name.to_string(), path, format, view, image: None });
+        let file = Arc::new(file);
+        let view: Arc<dyn View> = Arc::new(RawView::new(file.clone()));
+        return Ok(Backing { name: name.to_string(), path, format, view, file, image: None });
     }
     drop(file);
     let img = open_qcow2_in_chain(&path, cache, chain)?;
     let view: Arc<dyn View> = Arc::new(img.active_view());
-    Ok(Backing { name: name.to_string(), path, format, view, image: Some(img) })
+    let file = img.file().clone();
+    Ok(Backing { name: name.to_string(), path, format, view, file, image: Some(img) })
 }
 
 /// Turns a backing or data file name into a path: absolute names as they are,

@@ -139,6 +139,20 @@ impl HexzArchive {
         })
     }
 
+    /// Every index page of both streams with its entry, main stream first.
+    fn all_pages(&self) -> impl Iterator<Item = (&PageEntry, Result<Arc<[u8]>>)> {
+        [Stream::Main, Stream::Auxiliary]
+            .into_iter()
+            .flat_map(|stream| self.pages(stream).iter())
+            .map(|entry| (entry, self.page(entry)))
+    }
+
+    /// The cache key of a stored block: its file offset, so deduplicated
+    /// entries share one cached block.
+    fn block_key(&self, info: &BlockInfo) -> BlockKey {
+        BlockKey { file: self.file.id(), kind: BlockKind::Decompressed, offset: info.offset }
+    }
+
     fn corrupt(&self, offset: u64, msg: impl Into<String>) -> Error {
         Error::corrupt(&self.path, offset, msg)
     }
@@ -163,17 +177,15 @@ impl HexzArchive {
                 }
             }
             let page = self.page(entry)?;
-            let (entries, ends) = page_parts(&page);
+            let ends = page_parts(&page).1;
             let first_block = ends.first_ending_after(pos);
             let mut start = if first_block == 0 { entry.start_logical } else { ends.end(first_block - 1) };
-            for (j, raw) in entries.chunks_exact(BLOCK_INFO_SIZE as usize).enumerate().skip(first_block) {
-                let info = BlockInfo::parse(raw);
+            for (global, info) in page_blocks(entry, &page).skip(first_block) {
                 let end = start.saturating_add(info.logical_len as u64);
                 if end > pos && info.logical_len > 0 {
                     if start >= to {
                         return Ok(());
                     }
-                    let global = entry.start_block.wrapping_add(j as u64);
                     if !each(Piece::Block { start, global, info })? {
                         return Ok(());
                     }
@@ -225,33 +237,21 @@ impl HexzArchive {
     /// them on several threads first (into the cache). Errors are left for
     /// the read itself to meet and report.
     fn decode_ahead(&self, stream: Stream, from: u64, to: u64) {
-        let cpus = crate::cpus();
         // A small read spans one or two blocks: nothing to share out.
-        if cpus < 2 || to - from < 128 << 10 {
+        if crate::cpus() < 2 || to - from < 128 << 10 {
             return;
         }
         let mut todo = Vec::new();
         let _ = self.pieces(stream, from, to, |piece| {
             if let Piece::Block { start, global, info } = piece {
-                let key = BlockKey { file: self.file.id(), kind: BlockKind::Decompressed, offset: info.offset };
-                if !info.is_sparse() && !info.is_parent_ref() && self.cache.get(&key).is_none() {
+                if !info.is_sparse() && !info.is_parent_ref() && self.cache.get(&self.block_key(&info)).is_none() {
                     todo.push((global, info, start));
                 }
             }
             Ok(true)
         });
-        if todo.len() < 2 {
-            return;
-        }
-        let per = todo.len().div_ceil(cpus.min(todo.len()));
-        std::thread::scope(|scope| {
-            for chunk in todo.chunks(per) {
-                scope.spawn(move || {
-                    for (global, info, start) in chunk {
-                        let _ = self.stored_block(*global, info, *start);
-                    }
-                });
-            }
+        crate::spread(&todo, |(global, info, start)| {
+            let _ = self.stored_block(*global, info, *start);
         });
     }
 
@@ -279,9 +279,7 @@ impl HexzArchive {
         if info.logical_len > MAX_BLOCK {
             return Err(self.corrupt(logical, format!("block of {} bytes (limit {MAX_BLOCK})", info.logical_len)));
         }
-        // Deduplicated entries share an offset: the block is cached once.
-        let key = BlockKey { file: self.file.id(), kind: BlockKind::Decompressed, offset: info.offset };
-        let block = self.cache.get_or_load(key, || self.decode(global, info, logical))?;
+        let block = self.cache.get_or_load(self.block_key(info), || self.decode(global, info, logical))?;
         if block.len() != info.logical_len as usize {
             // Two entries sharing an offset with different sizes: only in a damaged index.
             return self.decode(global, info, logical);
@@ -324,27 +322,24 @@ impl HexzArchive {
     fn hash_index(&self) -> &HashMap<[u8; 32], Located> {
         self.hashes.get_or_init(|| {
             let mut map = HashMap::new();
-            for stream in [Stream::Main, Stream::Auxiliary] {
-                for entry in self.pages(stream) {
-                    let page = match self.page(entry) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            warn!("{e}; its blocks cannot serve parent references");
-                            continue;
-                        }
-                    };
-                    for (j, raw) in page_parts(&page).0.chunks_exact(BLOCK_INFO_SIZE as usize).enumerate() {
-                        let info = BlockInfo::parse(raw);
-                        if info.hash == [0; 32] || info.is_parent_ref() {
-                            continue;
-                        }
-                        let located = if info.is_sparse() {
-                            Located::Zero { len: info.logical_len }
-                        } else {
-                            Located::Stored { global: entry.start_block.wrapping_add(j as u64), info }
-                        };
-                        map.entry(info.hash).or_insert(located);
+            for (entry, page) in self.all_pages() {
+                let page = match page {
+                    Ok(p) => p,
+                    Err(e) => {
+                        warn!("{e}; its blocks cannot serve parent references");
+                        continue;
                     }
+                };
+                for (global, info) in page_blocks(entry, &page) {
+                    if info.hash == [0; 32] || info.is_parent_ref() {
+                        continue;
+                    }
+                    let located = if info.is_sparse() {
+                        Located::Zero { len: info.logical_len }
+                    } else {
+                        Located::Stored { global, info }
+                    };
+                    map.entry(info.hash).or_insert(located);
                 }
             }
             map
@@ -400,6 +395,16 @@ impl HexzArchive {
         e.len = e.len.clamp(1, limit - offset);
         Ok(e)
     }
+}
+
+/// A cached page's blocks, each with its archive-global index.
+fn page_blocks<'a>(entry: &PageEntry, page: &'a [u8]) -> impl Iterator<Item = (u64, BlockInfo)> + 'a {
+    let start_block = entry.start_block;
+    page_parts(page)
+        .0
+        .chunks_exact(BLOCK_INFO_SIZE as usize)
+        .enumerate()
+        .map(move |(j, raw)| (start_block.wrapping_add(j as u64), BlockInfo::parse(raw)))
 }
 
 /// A cached page's entries (52 bytes each) and its blocks' logical ends.
@@ -580,26 +585,23 @@ impl HexzArchive {
     pub fn block_stats(&self) -> BlockStats {
         let mut st = BlockStats::default();
         let mut offsets = std::collections::HashSet::new();
-        for stream in [Stream::Main, Stream::Auxiliary] {
-            for entry in self.pages(stream) {
-                let Ok(page) = self.page(entry) else {
-                    st.unreadable_pages += 1;
-                    continue;
-                };
-                for raw in page_parts(&page).0.chunks_exact(BLOCK_INFO_SIZE as usize) {
-                    let info = BlockInfo::parse(raw);
-                    st.entries += 1;
-                    st.logical_bytes += info.logical_len as u64;
-                    if info.is_parent_ref() {
-                        st.parent_refs += 1;
-                    } else if info.is_sparse() {
-                        st.sparse += 1;
-                    } else if offsets.insert(info.offset) {
-                        st.stored += 1;
-                        st.stored_bytes += info.length as u64;
-                    } else {
-                        st.deduplicated += 1;
-                    }
+        for (entry, page) in self.all_pages() {
+            let Ok(page) = page else {
+                st.unreadable_pages += 1;
+                continue;
+            };
+            for (_, info) in page_blocks(entry, &page) {
+                st.entries += 1;
+                st.logical_bytes += info.logical_len as u64;
+                if info.is_parent_ref() {
+                    st.parent_refs += 1;
+                } else if info.is_sparse() {
+                    st.sparse += 1;
+                } else if offsets.insert(info.offset) {
+                    st.stored += 1;
+                    st.stored_bytes += info.length as u64;
+                } else {
+                    st.deduplicated += 1;
                 }
             }
         }
@@ -608,22 +610,17 @@ impl HexzArchive {
 
     /// Decrypts the first stored block: a wrong password fails the GCM tag.
     fn check_password(&self) -> Result<()> {
-        for stream in [Stream::Main, Stream::Auxiliary] {
-            for entry in self.pages(stream) {
-                let page = self.page(entry)?;
-                for (j, raw) in page_parts(&page).0.chunks_exact(BLOCK_INFO_SIZE as usize).enumerate() {
-                    let info = BlockInfo::parse(raw);
-                    if info.is_parent_ref() || info.is_sparse() {
-                        continue;
-                    }
-                    let mut stored = vec![0u8; (info.length as u64).min(self.file.len()) as usize];
-                    self.file.read_at(&mut stored, info.offset)?;
-                    let key = self.key.as_ref().expect("checked only with a key");
-                    return key
-                        .decrypt(entry.start_block.wrapping_add(j as u64), &stored)
-                        .map(|_| ())
-                        .map_err(|_| Error::open(&self.path, "wrong password (the first block does not decrypt)"));
-                }
+        for (entry, page) in self.all_pages() {
+            let page = page?;
+            let first_stored = page_blocks(entry, &page).find(|(_, info)| !info.is_parent_ref() && !info.is_sparse());
+            if let Some((global, info)) = first_stored {
+                let mut stored = vec![0u8; (info.length as u64).min(self.file.len()) as usize];
+                self.file.read_at(&mut stored, info.offset)?;
+                let key = self.key.as_ref().expect("checked only with a key");
+                return key
+                    .decrypt(global, &stored)
+                    .map(|_| ())
+                    .map_err(|_| Error::open(&self.path, "wrong password (the first block does not decrypt)"));
             }
         }
         Ok(())

@@ -27,6 +27,8 @@ pub struct Backing {
     pub path: PathBuf,
     /// "qcow2" or "raw".
     pub format: &'static str,
+    /// The backing file itself (its times stand for its views').
+    pub file: Arc<FileSource>,
     /// Its resolved content (its own backing chain included).
     pub view: Arc<dyn View>,
     /// Set when the backing file is itself qcow2.
@@ -203,10 +205,15 @@ impl Qcow2Image {
         Ok((mapping, granule - guest % granule))
     }
 
+    /// The cache key of a decompressed cluster (two entries naming one
+    /// offset with different stored sizes stay apart).
+    fn cluster_key(&self, coffset: u64, csize: u64) -> BlockKey {
+        BlockKey { file: self.file.id(), kind: BlockKind::Cluster { stored: csize }, offset: coffset }
+    }
+
     /// The decompressed cluster, from the cache or from disk.
     fn compressed_cluster(&self, coffset: u64, csize: u64, guest: u64) -> Result<Arc<[u8]>> {
-        let key = BlockKey { file: self.file.id(), kind: BlockKind::Cluster { stored: csize }, offset: coffset };
-        self.cache.get_or_load(key, || {
+        self.cache.get_or_load(self.cluster_key(coffset, csize), || {
             let mut cluster = new_block(self.geo.cluster_size() as usize);
             with_scratch(csize as usize, |stored| {
                 self.file.read_at(stored, coffset)?;
@@ -223,9 +230,7 @@ impl Qcow2Image {
     /// large sequential read is not bound to one core. Errors are left for
     /// the read itself to meet and report.
     fn decompress_ahead(&self, l1: &[u8], guest: u64, len: u64) {
-        let cpus = crate::cpus();
-        let cs = self.geo.cluster_size();
-        if cpus < 2 || len < 2 * cs {
+        if crate::cpus() < 2 || len < 2 * self.geo.cluster_size() {
             return;
         }
         let mut todo = Vec::new();
@@ -233,26 +238,14 @@ impl Qcow2Image {
         while pos < guest + len {
             let Ok((mapping, run)) = self.lookup(l1, pos) else { return };
             if let Mapping::Compressed { coffset, csize } = mapping {
-                let key = BlockKey { file: self.file.id(), kind: BlockKind::Cluster { stored: csize }, offset: coffset };
-                if self.cache.get(&key).is_none() {
+                if self.cache.get(&self.cluster_key(coffset, csize)).is_none() {
                     todo.push((coffset, csize, pos));
                 }
             }
             pos = pos.saturating_add(run.max(1));
         }
-        if todo.len() < 2 {
-            return;
-        }
-        let workers = cpus.min(todo.len());
-        let per = todo.len().div_ceil(workers);
-        std::thread::scope(|scope| {
-            for chunk in todo.chunks(per) {
-                scope.spawn(move || {
-                    for &(coffset, csize, g) in chunk {
-                        let _ = self.compressed_cluster(coffset, csize, g);
-                    }
-                });
-            }
+        crate::spread(&todo, |&(coffset, csize, guest)| {
+            let _ = self.compressed_cluster(coffset, csize, guest);
         });
     }
 
