@@ -41,7 +41,22 @@ fn bench(c: &mut Criterion) {
     qemu_img(dir, &["convert", "-q", "-f", "raw", "-O", "qcow2", "src.raw", "plain.qcow2"]);
     for ct in ["zlib", "zstd"] {
         let out = format!("{ct}.qcow2");
-        qemu_img(dir, &["convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o", &format!("compression_type={ct}"), "src.raw", &out]);
+        qemu_img(
+            dir,
+            &[
+                "convert",
+                "-q",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                &format!("compression_type={ct}"),
+                "src.raw",
+                &out,
+            ],
+        );
     }
 
     let mut group = c.benchmark_group("read_4k");

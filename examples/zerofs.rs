@@ -12,9 +12,8 @@ use std::ffi::OsStr;
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEntry, ReplyOpen, Request, Session,
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, Request, Session,
 };
 
 /// Same request size snapmount asks for (src/fs.rs MAX_READ).
@@ -96,7 +95,8 @@ impl Filesystem for ZeroFs {
         if ino.0 != 1 {
             return reply.error(Errno::ENOTDIR);
         }
-        let entries = [(1, FileType::Directory, "."), (1, FileType::Directory, ".."), (FILE_INO, FileType::RegularFile, "zero")];
+        let entries =
+            [(1, FileType::Directory, "."), (1, FileType::Directory, ".."), (FILE_INO, FileType::RegularFile, "zero")];
         for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
                 break;
@@ -115,7 +115,8 @@ fn main() {
     let threads = args.next().map_or((2 * cpus).clamp(4, 16), |s| s.parse().expect("THREADS is a number"));
 
     let mut config = Config::default();
-    config.mount_options = vec![MountOption::RO, MountOption::FSName("zerofs".into()), MountOption::Subtype("zerofs".into())];
+    config.mount_options =
+        vec![MountOption::RO, MountOption::FSName("zerofs".into()), MountOption::Subtype("zerofs".into())];
     config.n_threads = Some(threads);
     config.clone_fd = true;
     let mut session = Session::new(ZeroFs { size }, &mountpoint, &config).expect("mount");

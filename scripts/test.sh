@@ -36,5 +36,7 @@ command -v cargo >/dev/null || { echo "cargo is missing: install Rust (rustup) f
 
 export PATH="$PATH:$HOME/.cargo/bin"
 
+cargo fmt --check
+cargo clippy --release --all-targets -- -D warnings
 cargo build --release --all-targets
 cargo test --release -- --test-threads=2

@@ -7,7 +7,7 @@
 //! rarely wait on one another; a lock is held only to look up or insert an
 //! `Arc`, never while reading or decompressing.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -72,9 +72,7 @@ impl BlockCache {
         // Fewer shards for a small cache, so that a shard still holds the
         // largest blocks (2 MiB clusters and L2 tables) several times over.
         let count = (capacity / MIN_SHARD_BYTES).clamp(1, SHARDS as u64) as usize;
-        let shards = (0..count)
-            .map(|_| Mutex::new(Shard { lru: LruCache::unbounded(), bytes: 0 }))
-            .collect();
+        let shards = (0..count).map(|_| Mutex::new(Shard { lru: LruCache::unbounded(), bytes: 0 })).collect();
         BlockCache {
             shards,
             shard_capacity: (capacity / count as u64).min(usize::MAX as u64) as usize,
@@ -85,9 +83,7 @@ impl BlockCache {
     }
 
     fn shard(&self, key: &BlockKey) -> &Mutex<Shard> {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        &self.shards[h.finish() as usize % self.shards.len()]
+        &self.shards[self.hasher.hash_one(key) as usize % self.shards.len()]
     }
 
     pub fn get(&self, key: &BlockKey) -> Option<Arc<[u8]>> {
@@ -120,11 +116,7 @@ impl BlockCache {
 
     /// Returns the cached block, or loads, caches and returns it. Two threads
     /// missing on one key at once may both load it; the result is the same.
-    pub fn get_or_load<E>(
-        &self,
-        key: BlockKey,
-        load: impl FnOnce() -> Result<Arc<[u8]>, E>,
-    ) -> Result<Arc<[u8]>, E> {
+    pub fn get_or_load<E>(&self, key: BlockKey, load: impl FnOnce() -> Result<Arc<[u8]>, E>) -> Result<Arc<[u8]>, E> {
         if let Some(block) = self.get(&key) {
             return Ok(block);
         }

@@ -5,8 +5,8 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use crate::error::{Error, Result};
@@ -143,7 +143,12 @@ impl FileSource {
         ra.advised.store(to, Ordering::Relaxed);
         // SAFETY: an advisory call on our own open descriptor.
         unsafe {
-            libc::posix_fadvise(self.file.as_raw_fd(), from as libc::off_t, (to - from) as libc::off_t, libc::POSIX_FADV_WILLNEED);
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                from as libc::off_t,
+                (to - from) as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            );
         }
     }
 }

@@ -37,7 +37,8 @@ fn info_describes_without_mounting() {
     for want in ["qcow2", "32.0 MiB", "base.qcow2", "before upgrade", "after", "zstd"] {
         assert!(text.contains(want), "info lacks {want:?}:\n{text}");
     }
-    let json: serde_json::Value = serde_json::from_str(&snapmount_ok(&["info", "--json", img.to_str().unwrap()])).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&snapmount_ok(&["info", "--json", img.to_str().unwrap()])).unwrap();
     let qemu: serde_json::Value =
         serde_json::from_str(&qemu_img_in(tmp.path(), &["info", "--output=json", "vm.qcow2"])).unwrap();
     assert_eq!(json["virtual_size"], qemu["virtual-size"]);
@@ -114,7 +115,14 @@ fn mount_8_and_fstab() {
     let guard = MountGuard(mnt.clone());
     let o = exec(
         "mount",
-        &[OsStr::new("-t"), OsStr::new("fuse.snapmount"), img.as_os_str(), mnt.as_os_str(), OsStr::new("-o"), OsStr::new("cache_size=64M,allow_other,uid=4321,gid=8765,umask=027")],
+        &[
+            OsStr::new("-t"),
+            OsStr::new("fuse.snapmount"),
+            img.as_os_str(),
+            mnt.as_os_str(),
+            OsStr::new("-o"),
+            OsStr::new("cache_size=64M,allow_other,uid=4321,gid=8765,umask=027"),
+        ],
         None,
         Duration::from_secs(60),
     );
@@ -130,7 +138,11 @@ fn mount_8_and_fstab() {
 
     // The same as an fstab line, mounted by its mountpoint alone.
     let fstab = tmp.path().join("fstab");
-    std::fs::write(&fstab, format!("{} {} fuse.snapmount ro,noauto,allow_other,cache_size=32M 0 0\n", img.display(), mnt.display())).unwrap();
+    std::fs::write(
+        &fstab,
+        format!("{} {} fuse.snapmount ro,noauto,allow_other,cache_size=32M 0 0\n", img.display(), mnt.display()),
+    )
+    .unwrap();
     run("mount", &["--fstab", fstab.to_str().unwrap(), mnt.to_str().unwrap()]);
     assert_files_equal(&mnt.join("vm.qcow2/disk.raw"), &exp);
     assert!(mnt.join("vm.qcow2/snapshots/before upgrade/disk.raw").exists());
@@ -138,7 +150,8 @@ fn mount_8_and_fstab() {
     drop(guard);
 
     // Unknown options are refused with a message, nothing mounted.
-    let o = snapmount(&[OsStr::new("mount"), OsStr::new("-o"), OsStr::new("bogus=1"), img.as_os_str(), mnt.as_os_str()]);
+    let o =
+        snapmount(&[OsStr::new("mount"), OsStr::new("-o"), OsStr::new("bogus=1"), img.as_os_str(), mnt.as_os_str()]);
     assert!(!o.success() && o.stderr.contains("unknown mount option 'bogus=1'"), "{}", o.describe());
     assert!(!is_mountpoint(&mnt));
 }

@@ -74,7 +74,9 @@ fn seeds() -> Vec<u64> {
 fn damaged_images_never_panic_or_hang() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    sh(dir, r#"
+    sh(
+        dir,
+        r#"
         q() { qemu-io "$@" >/dev/null; }
         head -c 2M /dev/urandom > rnd.bin
         qemu-img create -q -f qcow2 -o cluster_size=4k base.qcow2 4M
@@ -88,7 +90,8 @@ fn damaged_images_never_panic_or_hang() {
         qemu-img create -q -f qcow2 -o cluster_size=4k,compat=0.10 v2.qcow2 4M
         q -c 'write -c -P 0x55 0 16k' -c 'write -P 0x56 64k 4k' v2.qcow2
         qemu-img snapshot -c v2s v2.qcow2
-    "#);
+    "#,
+    );
     let originals: Vec<PathBuf> = ["zstd.qcow2", "ext.qcow2", "v2.qcow2"].iter().map(|n| dir.join(n)).collect();
     damage_and_read(&originals, dir, exercise, &["base.qcow2"]);
 }
@@ -132,7 +135,10 @@ fn damage_and_read(originals: &[PathBuf], dir: &Path, read: fn(&Path) -> Result<
         });
         match rx.recv_timeout(Duration::from_secs(60)) {
             Err(_) => panic!("seed {seed}: reading {} hung for 60 s", damaged.display()),
-            Ok(Err(_)) => panic!("seed {seed}: the reader panicked on {} (rerun with SNAPMOUNT_TEST_SEED={seed})", damaged.display()),
+            Ok(Err(_)) => panic!(
+                "seed {seed}: the reader panicked on {} (rerun with SNAPMOUNT_TEST_SEED={seed})",
+                damaged.display()
+            ),
             Ok(Ok(Err(msg))) => assert!(
                 msg.contains(damaged.to_str().unwrap()) || also_named.iter().any(|n| msg.contains(n)),
                 "seed {seed}: error does not name the file: {msg}"
@@ -167,7 +173,9 @@ fn exercise_hexz(path: &Path) -> Result<(), String> {
 fn damaged_hexz_archives_never_panic_or_hang() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    sh(dir, r#"
+    sh(
+        dir,
+        r#"
         head -c 1M /dev/urandom > rnd.bin
         { head -c 300k rnd.bin; head -c 700k < <(yes 'some text that compresses'); head -c 200k /dev/zero; } > disk.raw
         hexz pack -s disk.raw lz4.hxz
@@ -176,7 +184,8 @@ fn damaged_hexz_archives_never_panic_or_hang() {
         hexz pack -s child.raw thin.hxz --base lz4.hxz
         mkdir tree; cp rnd.bin tree/a; head -c 5000 disk.raw > tree/memory
         hexz pack -s tree tree.hxz
-    "#);
+    "#,
+    );
     let originals: Vec<PathBuf> = ["lz4.hxz", "zstd.hxz", "thin.hxz", "tree.hxz"].iter().map(|n| dir.join(n)).collect();
     damage_and_read(&originals, dir, exercise_hexz, &["lz4.hxz"]);
 }

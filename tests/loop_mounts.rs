@@ -71,7 +71,8 @@ fn a_gpt_disk_shows_its_partitions() {
     assert!(o.0, "sfdisk failed: {}", o.1);
     qemu_img_in(&dir, &["convert", "-f", "raw", "-O", "qcow2", "gpt.raw", "gpt.qcow2"]);
     let m = Mount::new(&[&dir.join("gpt.qcow2")], &tmp.path().join("mnt"));
-    let dev = run("losetup", &[OsStr::new("-r"), OsStr::new("-f"), OsStr::new("--show"), m.disk("gpt.qcow2").as_os_str()]);
+    let dev =
+        run("losetup", &[OsStr::new("-r"), OsStr::new("-f"), OsStr::new("--show"), m.disk("gpt.qcow2").as_os_str()]);
     let dev = LoopDev(dev.trim().to_string());
     let parts = run("partx", &["-g", "-o", "NR,START,SECTORS,NAME", &dev.0]);
     let rows: Vec<Vec<&str>> = parts.lines().map(|l| l.split_whitespace().collect()).collect();

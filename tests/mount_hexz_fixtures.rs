@@ -165,7 +165,10 @@ fn holes_are_zero_blocks_and_seek_walks_the_whole_stream() {
             let data = unsafe { libc::lseek(fd, hole, libc::SEEK_DATA) };
             let data = if data < 0 { size } else { data };
             assert!(data > hole, "{name}: SEEK_DATA from {hole} gave {data}");
-            assert!(bytes[hole as usize..data as usize].iter().all(|&b| b == 0), "{name}: hole {hole}..{data} holds data");
+            assert!(
+                bytes[hole as usize..data as usize].iter().all(|&b| b == 0),
+                "{name}: hole {hole}..{data} holds data"
+            );
             holes += 1;
             pos = data;
         }

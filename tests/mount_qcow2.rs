@@ -101,7 +101,15 @@ fn part_c_pattern(img: &Path, src8m: &Path, size: u64) {
 fn qemu_compare_raw_vs_qcow2(raw: &Path, img: &Path) {
     let o = exec(
         "qemu-img",
-        &[OsStr::new("compare"), OsStr::new("-f"), OsStr::new("raw"), raw.as_os_str(), OsStr::new("-F"), OsStr::new("qcow2"), img.file_name().unwrap()],
+        &[
+            OsStr::new("compare"),
+            OsStr::new("-f"),
+            OsStr::new("raw"),
+            raw.as_os_str(),
+            OsStr::new("-F"),
+            OsStr::new("qcow2"),
+            img.file_name().unwrap(),
+        ],
         img.parent(),
         Duration::from_secs(120),
     );
@@ -199,14 +207,27 @@ fn compressed_zlib_and_zstd() {
     for ct in ["zlib", "zstd"] {
         for cb in [9u32, 12, 16, 21] {
             qemu_img(&[
-                "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+                "convert",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
                 &format!("compression_type={ct},cluster_size={}", 1u64 << cb),
                 &s(&src),
                 &s(&t.imgs.join(format!("c_{ct}_cs{cb}.qcow2"))),
             ]);
         }
         qemu_img(&[
-            "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", &format!("compression_type={ct}"),
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("compression_type={ct}"),
             &s(&odd),
             &s(&t.imgs.join(format!("c_{ct}_odd.qcow2"))),
         ]);
@@ -244,7 +265,18 @@ fn small_cache_and_concurrent_random_reads() {
     gen_data(&src, m(16), 5);
     let a = t.imgs.join("zstd2m.qcow2");
     let b = t.imgs.join("zlib64k.qcow2");
-    qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zstd,cluster_size=2M", &s(&src), &s(&a)]);
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=zstd,cluster_size=2M",
+        &s(&src),
+        &s(&a),
+    ]);
     qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zlib", &s(&src), &s(&b)]);
     let refused = snapmount(&["mount", "--cache-size", "1M", &s(&t.imgs), &s(&t.mnt)]);
     assert!(!refused.success() && refused.stderr.contains("too small"), "{}", refused.describe());
@@ -268,7 +300,8 @@ fn small_cache_and_concurrent_random_reads() {
                     let n = rng.range(1, 256 * 1024).min(len);
                     let off = rng.below(len - n + 1);
                     let mut buf = vec![0u8; n as usize];
-                    f.read_exact_at(&mut buf, off).unwrap_or_else(|e| panic!("pread {n}@{off} of {}: {e}", disk.display()));
+                    f.read_exact_at(&mut buf, off)
+                        .unwrap_or_else(|e| panic!("pread {n}@{off} of {}: {e}", disk.display()));
                     if buf[..] != exp[off as usize..(off + n) as usize] {
                         let i = (0..n as usize).find(|&i| buf[i] != exp[off as usize + i]).unwrap();
                         panic!("thread {th}: {} differs at byte {} (pread {n}@{off})", disk.display(), off + i as u64);
@@ -307,10 +340,10 @@ fn extended_l2_subclusters_over_backing() {
                 "write -P 0x03 4097 100",
                 "write -z -u 3M 96k",
                 "discard 4M 128k",
-                "write -P 0x04 8388708 1000",  // 8M+100: sub-cluster write over file data in the base
+                "write -P 0x04 8388708 1000", // 8M+100: sub-cluster write over file data in the base
                 "write -z 9000000 3000",
-                "write -c -P 0x05 12M 2M",      // whole clusters compressed
-                "write -P 0x06 12582912 512",   // then overwrite part of a compressed cluster
+                "write -c -P 0x05 12M 2M",    // whole clusters compressed
+                "write -P 0x06 12582912 512", // then overwrite part of a compressed cluster
             ],
         );
     }
@@ -340,7 +373,14 @@ fn zero_clusters_and_discard() {
     create_qcow2(&zero, "16M", "", None);
     qemu_io(
         &zero,
-        &["write -P 0x77 0 4M", "write -z 64k 64k", "write -z -u 256k 128k", "discard 1M 128k", "write -z 8M 1M", "write -z 3000 5000"],
+        &[
+            "write -P 0x77 0 4M",
+            "write -z 64k 64k",
+            "write -z -u 256k 128k",
+            "discard 1M 128k",
+            "write -z 8M 1M",
+            "write -z 3000 5000",
+        ],
     );
     let zerotop = t.imgs.join("zerotop.qcow2");
     create_qcow2(&zerotop, "", "", Some(("zero.qcow2", "qcow2")));
@@ -354,7 +394,10 @@ fn zero_clusters_and_discard() {
     // zero writes over compressed clusters
     let zc = t.imgs.join("zerocomp.qcow2");
     create_qcow2(&zc, "8M", "compression_type=zstd", None);
-    qemu_io(&zc, &["write -c -P 0x51 0 1M", "write -z 64k 64k", "write -z -u 256k 64k", "discard 512k 64k", "write -z 700k 1k"]);
+    qemu_io(
+        &zc,
+        &["write -c -P 0x51 0 1M", "write -z 64k 64k", "write -z -u 256k 64k", "discard 512k 64k", "write -z 700k 1k"],
+    );
 
     let imgs = qcow2_files(&t.imgs);
     assert_eq!(imgs.len(), 5);
@@ -459,7 +502,10 @@ fn external_data_files() {
     let t = setup("extdata");
     let ext = t.imgs.join("ext.qcow2");
     create_qcow2(&ext, "16M", "data_file=ext.data", None);
-    qemu_io(&ext, &["write -P 0x99 1M 1M", "write -z 4M 64k", "write -P 0x98 0 4k", "discard 1M 64k", "write -P 0x97 15M 3000"]);
+    qemu_io(
+        &ext,
+        &["write -P 0x99 1M 1M", "write -z 4M 64k", "write -P 0x98 0 4k", "discard 1M 64k", "write -P 0x97 15M 3000"],
+    );
     let extraw = t.imgs.join("extraw.qcow2");
     create_qcow2(&extraw, "16M", "data_file=extraw.data,data_file_raw=on", None);
     qemu_io(&extraw, &["write -P 0x9a 1M 1M", "write -P 0x9b 10M 10"]);
@@ -497,18 +543,34 @@ fn dirty_corrupt_and_unknown_compatible_bits_accepted() {
     fs::copy(&lazy, &dirty).unwrap();
     let o = exec(
         "qemu-io",
-        &[OsStr::new("-c"), OsStr::new("write -P 0x67 2M 1M"), OsStr::new("-c"), OsStr::new("abort"), dirty.as_os_str()],
+        &[
+            OsStr::new("-c"),
+            OsStr::new("write -P 0x67 2M 1M"),
+            OsStr::new("-c"),
+            OsStr::new("abort"),
+            dirty.as_os_str(),
+        ],
         None,
         Duration::from_secs(60),
     );
     assert!(!o.success(), "qemu-io abort should exit non-zero\n{}", o.describe());
     assert_eq!(read_be64(&dirty, 72) & 1, 1, "dirty bit must be set by qemu-io abort");
-    for (name, byte, mask) in [("corrupt.qcow2", 79u64, 0x02u8), ("unkcompat.qcow2", 80, 0x80), ("unkautoclear.qcow2", 88, 0x80), ("unkcompat1.qcow2", 87, 0x02)] {
+    for (name, byte, mask) in [
+        ("corrupt.qcow2", 79u64, 0x02u8),
+        ("unkcompat.qcow2", 80, 0x80),
+        ("unkautoclear.qcow2", 88, 0x80),
+        ("unkcompat1.qcow2", 87, 0x02),
+    ] {
         let p = t.imgs.join(name);
         fs::copy(&base, &p).unwrap();
         or_byte(&p, byte, mask);
     }
-    for (name, opts) in [("rc1.qcow2", "refcount_bits=1"), ("rc64.qcow2", "refcount_bits=64"), ("pmeta.qcow2", "preallocation=metadata"), ("pfalloc.qcow2", "preallocation=falloc")] {
+    for (name, opts) in [
+        ("rc1.qcow2", "refcount_bits=1"),
+        ("rc64.qcow2", "refcount_bits=64"),
+        ("pmeta.qcow2", "preallocation=metadata"),
+        ("pfalloc.qcow2", "preallocation=falloc"),
+    ] {
         let p = t.imgs.join(name);
         create_qcow2(&p, "16M", opts, None);
         qemu_io(&p, &["write -P 0x44 1M 64k"]);
@@ -567,7 +629,12 @@ fn expect_refusal(t: &T, case: &str, sources: &[PathBuf], names: &[&str], keywor
     if errs.is_empty() {
         Ok(())
     } else {
-        Err(format!("[{case}] {} (after {:.1}s)\n  {}", errs.join("; "), took.as_secs_f64(), o.describe().replace('\n', "\n  ")))
+        Err(format!(
+            "[{case}] {} (after {:.1}s)\n  {}",
+            errs.join("; "),
+            took.as_secs_f64(),
+            o.describe().replace('\n', "\n  ")
+        ))
     }
 }
 
@@ -595,8 +662,16 @@ fn refusals_fail_before_mounting() {
     }
     let luks = t.imgs.join("luks.qcow2");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=123456", "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", &s(&luks), "16M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=sec0,data=123456",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        &s(&luks),
+        "16M",
     ]);
     // missing backing file
     let gone = t.imgs.join("gonebase.qcow2");
@@ -613,7 +688,10 @@ fn refusals_fail_before_mounting() {
     // json: and nbd:// backing names
     let js = t.imgs.join("jsonback.qcow2");
     create_qcow2(&js, "", "", Some(("good.qcow2", "qcow2")));
-    qemu_img_in(&t.imgs, &["rebase", "-u", "-b", r#"json:{"driver":"file","filename":"/etc/hostname"}"#, "-F", "raw", "jsonback.qcow2"]);
+    qemu_img_in(
+        &t.imgs,
+        &["rebase", "-u", "-b", r#"json:{"driver":"file","filename":"/etc/hostname"}"#, "-F", "raw", "jsonback.qcow2"],
+    );
     let nbd = t.imgs.join("nbdback.qcow2");
     create_qcow2(&nbd, "", "", Some(("good.qcow2", "qcow2")));
     qemu_img_in(&t.imgs, &["rebase", "-u", "-b", "nbd://localhost/x", "-F", "raw", "nbdback.qcow2"]);
@@ -622,15 +700,26 @@ fn refusals_fail_before_mounting() {
     fs::write(&notimg, "just some text, not a disk image\n").unwrap();
 
     let feat = ["incompatible", "feature", "unsupported"];
+    #[allow(clippy::type_complexity)] // (name, sources, named files, message words)
     let cases: Vec<(&str, Vec<PathBuf>, Vec<&str>, Vec<&str>)> = vec![
         ("bit63", vec![bit63.clone()], vec!["badincompat63.qcow2"], feat.to_vec()),
         ("bit5", vec![bit5.clone()], vec!["badincompat5.qcow2"], feat.to_vec()),
         ("luks", vec![luks.clone()], vec!["luks.qcow2"], vec!["encrypt", "luks"]),
-        ("missing-backing", vec![orphan.clone()], vec!["orphan.qcow2", "gonebase.qcow2"], vec!["backing", "no such file", "not found", "missing"]),
+        (
+            "missing-backing",
+            vec![orphan.clone()],
+            vec!["orphan.qcow2", "gonebase.qcow2"],
+            vec!["backing", "no such file", "not found", "missing"],
+        ),
         ("loop", vec![la.clone()], vec!["loopa.qcow2", "loopb.qcow2"], vec!["loop", "cycle", "circular", "recurs"]),
         ("json", vec![js.clone()], vec!["jsonback.qcow2"], vec!["json", "protocol"]),
         ("nbd", vec![nbd.clone()], vec!["nbdback.qcow2"], vec!["nbd", "protocol", "url", "scheme"]),
-        ("not-an-image", vec![notimg.clone()], vec!["notes.txt"], vec!["not a", "format", "magic", "unrecognized", "unknown", "unsupported"]),
+        (
+            "not-an-image",
+            vec![notimg.clone()],
+            vec!["notes.txt"],
+            vec!["not a", "format", "magic", "unrecognized", "unknown", "unsupported"],
+        ),
         ("bad-cluster-bits", vec![badcb.clone()], vec!["badclusterbits.qcow2"], vec!["cluster"]),
         // a good image together with a bad one: nothing at all gets mounted
         ("good-plus-bad", vec![good.clone(), bit63.clone()], vec!["badincompat63.qcow2"], feat.to_vec()),
@@ -646,7 +735,7 @@ fn refusals_fail_before_mounting() {
     fs::create_dir_all(&mixdir).unwrap();
     fs::copy(&good, mixdir.join("a_good.qcow2")).unwrap();
     fs::copy(&bit5, mixdir.join("b_bad.qcow2")).unwrap();
-    if let Err(e) = expect_refusal(&t, "dir-with-bad-image", &[mixdir.clone()], &["b_bad.qcow2"], &feat) {
+    if let Err(e) = expect_refusal(&t, "dir-with-bad-image", std::slice::from_ref(&mixdir), &["b_bad.qcow2"], &feat) {
         failures.push(e);
     }
     if !failures.is_empty() {
@@ -701,10 +790,14 @@ fn eio_on_damaged_metadata_daemon_survives() {
     let e = read_be64(&unaligned, pos);
     assert!(e & L2_OFFSET_MASK != 0, "test setup: cluster 0 must be allocated");
     write_be64(&unaligned, pos, e | 0x200); // +512 bytes: inside the offset field, not cluster-aligned
-    // (b) compressed clusters whose bytes are garbage (zstd and deflate)
+                                            // (b) compressed clusters whose bytes are garbage (zstd and deflate)
     let mut comp = Vec::new();
     for ct in ["zstd", "zlib"] {
-        let p = make(&format!("badcomp_{ct}.qcow2"), &format!("compression_type={ct}"), &["write -c -P 0x41 0 64k", "write -P 0x43 64k 64k", "write -c -P 0x44 128k 64k"]);
+        let p = make(
+            &format!("badcomp_{ct}.qcow2"),
+            &format!("compression_type={ct}"),
+            &["write -c -P 0x41 0 64k", "write -P 0x43 64k 64k", "write -c -P 0x44 128k 64k"],
+        );
         let pos = l2_entry_pos(&p, 0);
         let e = read_be64(&p, pos);
         assert!(e & (1 << 62) != 0, "test setup: cluster 0 of {} must be compressed (entry {e:#x})", p.display());
@@ -749,7 +842,9 @@ fn eio_on_damaged_metadata_daemon_survives() {
         // a second attempt on the damaged cluster still gives EIO (not ENOTCONN: daemon alive)
         match pread(&disk, 0, 512) {
             Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
-            other => errs.push(format!("{name}: second read of damaged cluster: {:?}, expected EIO", other.map(|_| "Ok"))),
+            other => {
+                errs.push(format!("{name}: second read of damaged cluster: {:?}, expected EIO", other.map(|_| "Ok")))
+            }
         }
     }
     assert!(is_mountpoint(&t.mnt), "mount disappeared after EIO reads");
@@ -871,7 +966,12 @@ fn ext4_in_compressed_base_with_overlay_loop_mounts() {
     let runs = write_diff(&top, &raw1, &raw2, &t.scratch);
     assert!(runs > 0, "test setup: the second mkfs pass changed nothing");
     // the overlay must now equal fs2 (qemu's view)
-    let o = exec("qemu-img", &[OsStr::new("compare"), OsStr::new("-F"), OsStr::new("qcow2"), raw2.as_os_str(), top.as_os_str()], None, Duration::from_secs(60));
+    let o = exec(
+        "qemu-img",
+        &[OsStr::new("compare"), OsStr::new("-F"), OsStr::new("qcow2"), raw2.as_os_str(), top.as_os_str()],
+        None,
+        Duration::from_secs(60),
+    );
     assert!(o.success(), "test setup: overlay differs from fs2\n{}", o.describe());
 
     let mnt = Mount::new(&[&t.imgs], &t.mnt);
@@ -903,7 +1003,8 @@ fn seek_walk_consistent(disk: &Path, expected: &Path) -> Result<(), String> {
         if steps > 1_000_000 {
             return Err(format!("{}: SEEK walk does not terminate", disk.display()));
         }
-        let hole = lseek(&f, off, libc::SEEK_HOLE).map_err(|e| format!("{}: SEEK_HOLE from {off}: errno {e}", disk.display()))?;
+        let hole = lseek(&f, off, libc::SEEK_HOLE)
+            .map_err(|e| format!("{}: SEEK_HOLE from {off}: errno {e}", disk.display()))?;
         if hole < off || hole > size {
             return Err(format!("{}: SEEK_HOLE from {off} returned {hole} (size {size})", disk.display()));
         }
@@ -1047,7 +1148,13 @@ fn seek_data_hole_st_blocks_and_o_direct() {
     let direct = t.scratch.join("direct.raw");
     let o = exec(
         "dd",
-        &[format!("if={}", s(&disk)), format!("of={}", s(&direct)), "bs=1M".into(), "iflag=direct".into(), "status=none".into()],
+        &[
+            format!("if={}", s(&disk)),
+            format!("of={}", s(&direct)),
+            "bs=1M".into(),
+            "iflag=direct".into(),
+            "status=none".into(),
+        ],
         None,
         Duration::from_secs(120),
     );
@@ -1059,7 +1166,15 @@ fn seek_data_hole_st_blocks_and_o_direct() {
     // also an O_DIRECT read of big.qcow2 around the data
     let o = exec(
         "dd",
-        &[format!("if={}", s(&mnt.disk("big.qcow2"))), "of=/dev/null".into(), "bs=1M".into(), "skip=99".into(), "count=3".into(), "iflag=direct".into(), "status=none".into()],
+        &[
+            format!("if={}", s(&mnt.disk("big.qcow2"))),
+            "of=/dev/null".into(),
+            "bs=1M".into(),
+            "skip=99".into(),
+            "count=3".into(),
+            "iflag=direct".into(),
+            "status=none".into(),
+        ],
         None,
         Duration::from_secs(60),
     );
@@ -1166,11 +1281,19 @@ fn layout_permissions_info_json_and_mtime() {
         Err(e) if matches!(e.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)) => {}
         Err(e) => errs.push(format!("{what}: failed with {e}, expected EROFS or EACCES")),
     };
-    ro("open disk.raw for writing", fs::OpenOptions::new().write(true).open(mnt.disk("a.qcow2")).map(|_| ()), &mut errs);
+    ro(
+        "open disk.raw for writing",
+        fs::OpenOptions::new().write(true).open(mnt.disk("a.qcow2")).map(|_| ()),
+        &mut errs,
+    );
     ro("create a file", File::create(mnt.image_dir("a.qcow2").join("new")).map(|_| ()), &mut errs);
     ro("mkdir at the root", fs::create_dir(mnt.dir.join("newdir")), &mut errs);
     ro("unlink disk.raw", fs::remove_file(mnt.disk("a.qcow2")), &mut errs);
-    ro("truncate disk.raw", File::options().write(true).truncate(true).open(mnt.disk("b.qcow2")).map(|_| ()), &mut errs);
+    ro(
+        "truncate disk.raw",
+        File::options().write(true).truncate(true).open(mnt.disk("b.qcow2")).map(|_| ()),
+        &mut errs,
+    );
     // mtime of disk.raw = mtime of the image file
     for img in [&a, &b, &odd] {
         let name = img.file_name().unwrap().to_string_lossy().into_owned();
@@ -1220,7 +1343,11 @@ fn foreground_signal(t: &T, img: &Path, sig: libc::c_int, tag: &str) -> Result<(
     let name = img.file_name().unwrap().to_string_lossy().into_owned();
     let disk = mnt.join(&name).join("disk.raw");
     if !wait_for(Duration::from_secs(30), || disk.exists()) {
-        return Err(format!("[{tag}] foreground mount: {} did not appear within 30 s; log:\n{}", disk.display(), fs::read_to_string(&log).unwrap_or_default()));
+        return Err(format!(
+            "[{tag}] foreground mount: {} did not appear within 30 s; log:\n{}",
+            disk.display(),
+            fs::read_to_string(&log).unwrap_or_default()
+        ));
     }
     check_against_oracle(&disk, img, &t.scratch).map_err(|e| format!("[{tag}] {e}"))?;
     unsafe {
@@ -1240,7 +1367,10 @@ fn foreground_signal(t: &T, img: &Path, sig: libc::c_int, tag: &str) -> Result<(
         return Err(format!("[{tag}] daemon still running 20 s after signal {sig}"));
     };
     if is_mountpoint(&mnt) {
-        return Err(format!("[{tag}] daemon exited ({status}) after signal {sig} but {} is still mounted", mnt.display()));
+        return Err(format!(
+            "[{tag}] daemon exited ({status}) after signal {sig} but {} is still mounted",
+            mnt.display()
+        ));
     }
     eprintln!("[{tag}] foreground daemon exited with {status} after signal {sig}");
     Ok(())
@@ -1399,7 +1529,7 @@ fn build_case(seed: u64, dir: &Path, data: &Path) -> Case {
             } else if kind < 45 {
                 format!("write -s {} {off} {}", s(data), len.min(MIB))
             } else if kind < 58 {
-                format!("write -z {off} {}", len.max(1).min(2 * MIB).min(size - off))
+                format!("write -z {off} {}", len.clamp(1, 2 * MIB).min(size - off))
             } else if kind < 68 {
                 format!("write -z -u {off} {len}")
             } else if kind < 78 {
@@ -1458,7 +1588,10 @@ fn build_case(seed: u64, dir: &Path, data: &Path) -> Case {
             }
         }) {
             let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
-            panic!("seed {seed}: building the image failed (a test generator bug or a qemu-io limit):\n  {}\n{msg}", recipe.join("\n  "));
+            panic!(
+                "seed {seed}: building the image failed (a test generator bug or a qemu-io limit):\n  {}\n{msg}",
+                recipe.join("\n  ")
+            );
         }
         images.push(img);
     }
@@ -1470,7 +1603,10 @@ fn randomized_chains_match_qemu() {
     let t = setup("random");
     let base_seed: u64 = std::env::var("SNAPMOUNT_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let n: u64 = std::env::var("SNAPMOUNT_TEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
-    println!("randomized: seeds {base_seed}..{} (override with SNAPMOUNT_TEST_SEED / SNAPMOUNT_TEST_CASES)", base_seed + n - 1);
+    println!(
+        "randomized: seeds {base_seed}..{} (override with SNAPMOUNT_TEST_SEED / SNAPMOUNT_TEST_CASES)",
+        base_seed + n - 1
+    );
     let data = t.scratch.join("data.bin");
     gen_data(&data, 2 * MIB, 0xda7a);
     let mut cases = Vec::new();
@@ -1573,12 +1709,18 @@ fn offsets_beyond_4gib() {
     let src = t.scratch.join("src.raw");
     gen_data(&src, 2 * MIB, 11);
     let g = 1u64 << 30;
-    let regions: Vec<(u64, u64)> = vec![(4 * g - 512, 1024), (4 * g + MIB, MIB), (5 * g + 12345, 70000), (6 * g - 4096, 4096)];
+    let regions: Vec<(u64, u64)> =
+        vec![(4 * g - 512, 1024), (4 * g + MIB, MIB), (5 * g + 12345, 70000), (6 * g - 4096, 4096)];
     let mut imgs = Vec::new();
-    for (name, opts) in [("big64k.qcow2", "cluster_size=64k"), ("big512.qcow2", "cluster_size=512"), ("big2m_zstd.qcow2", "cluster_size=2M,compression_type=zstd")] {
+    for (name, opts) in [
+        ("big64k.qcow2", "cluster_size=64k"),
+        ("big512.qcow2", "cluster_size=512"),
+        ("big2m_zstd.qcow2", "cluster_size=2M,compression_type=zstd"),
+    ] {
         let img = t.imgs.join(name);
         create_qcow2(&img, "6G", opts, None);
-        let mut cmds: Vec<String> = regions.iter().enumerate().map(|(i, (o, l))| format!("write -P {} {o} {l}", 0x30 + i)).collect();
+        let mut cmds: Vec<String> =
+            regions.iter().enumerate().map(|(i, (o, l))| format!("write -P {} {o} {l}", 0x30 + i)).collect();
         cmds.push(format!("write -s {} {} {}", s(&src), 4 * g + 3 * MIB, 2 * MIB));
         if name.contains("zstd") {
             cmds.push(format!("write -c -s {} {} {}", s(&src), 5 * g + 64 * MIB, 2 * MIB));
@@ -1642,11 +1784,15 @@ fn many_images_in_one_directory() {
     }
     // give a few of them their own data
     for i in [0usize, 57, 123, 199] {
-        qemu_io(&t.imgs.join(format!("vm{i:03}.qcow2")), &[format!("write -P {} {} 64k", i + 1, (i as u64 % 60) * 64 * KIB)]);
+        qemu_io(
+            &t.imgs.join(format!("vm{i:03}.qcow2")),
+            &[format!("write -P {} {} 64k", i + 1, (i as u64 % 60) * 64 * KIB)],
+        );
     }
     let mnt = Mount::new(&[&t.imgs], &t.mnt);
     assert_eq!(mnt.entries().len(), n, "all {n} images should be listed");
-    let check: Vec<PathBuf> = [0usize, 1, 57, 123, 198, 199].iter().map(|i| t.imgs.join(format!("vm{i:03}.qcow2"))).collect();
+    let check: Vec<PathBuf> =
+        [0usize, 1, 57, 123, 198, 199].iter().map(|i| t.imgs.join(format!("vm{i:03}.qcow2"))).collect();
     mnt.assert_all_match(&check, &t.scratch);
     // every disk.raw opens and reads
     for i in 0..n {
@@ -1666,10 +1812,7 @@ fn allow_other_option() {
     let opts_of = |mnt: &Path| -> String {
         let want = abs_path(mnt).to_string_lossy().into_owned();
         let text = fs::read_to_string("/proc/self/mountinfo").unwrap();
-        text.lines()
-            .find(|l| l.split(' ').nth(4).map(|mp| mp == want).unwrap_or(false))
-            .unwrap_or("")
-            .to_string()
+        text.lines().find(|l| l.split(' ').nth(4).map(|mp| mp == want).unwrap_or(false)).unwrap_or("").to_string()
     };
     {
         let m1 = Mount::with_args(&["--allow-other"], &[&img], &t.root.join("mnt-ao"));

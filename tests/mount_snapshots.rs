@@ -66,7 +66,9 @@ fn snapshots_between_writes_zeroes_discards_compression_and_resizes() {
     let dir = tmp.path().join("imgs");
     std::fs::create_dir_all(&dir).unwrap();
     gen_data(&dir.join("data.bin"), 4 * MIB, 11);
-    sh(&dir, r#"
+    sh(
+        &dir,
+        r#"
         q() { qemu-io "$@" >/dev/null; }
         qemu-img create -q -f qcow2 base.qcow2 64M
         q -c 'write -P 0xb0 0 64M' base.qcow2
@@ -95,9 +97,9 @@ fn snapshots_between_writes_zeroes_discards_compression_and_resizes() {
         q -c 'write -P 0x02 4097 100' -c 'write -z 1M 64k' ext.qcow2
         qemu-img snapshot -c e2 ext.qcow2
         q -c 'write -P 0x03 0 64k' ext.qcow2
-    "#);
-    let imgs: Vec<PathBuf> =
-        ["snaps-1.1.qcow2", "snaps-0.10.qcow2", "ext.qcow2"].iter().map(|n| dir.join(n)).collect();
+    "#,
+    );
+    let imgs: Vec<PathBuf> = ["snaps-1.1.qcow2", "snaps-0.10.qcow2", "ext.qcow2"].iter().map(|n| dir.join(n)).collect();
     let m = Mount::new(&imgs, &tmp.path().join("mnt"));
     let scratch = tmp.path().join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
@@ -154,12 +156,15 @@ fn vm_state_reads_back_as_qemu_stores_it() {
     std::fs::create_dir_all(&dir).unwrap();
     let vm_len: u64 = 200 * KIB;
     gen_data(&dir.join("vm.bin"), vm_len, 99);
-    sh(&dir, r#"
+    sh(
+        &dir,
+        r#"
         qemu-img create -q -f qcow2 vmst.qcow2 64M
         qemu-io -c 'write -P 0x10 0 64k' -c 'write -b -s vm.bin 0 200k' vmst.qcow2 >/dev/null
         qemu-img snapshot -c withvm vmst.qcow2
         qemu-img snapshot -c novm vmst.qcow2
-    "#);
+    "#,
+    );
     // qemu-img records no VM state size; patch the first entry as savevm would.
     let img = dir.join("vmst.qcow2");
     let table = read_be64(&img, 64);
@@ -213,7 +218,9 @@ fn every_backing_image_has_its_own_view() {
     let dir = tmp.path().join("chain");
     std::fs::create_dir_all(dir.join("a")).unwrap();
     std::fs::create_dir_all(dir.join("b")).unwrap();
-    sh(&dir, r#"
+    sh(
+        &dir,
+        r#"
         q() { qemu-io "$@" >/dev/null; }
         head -c $((3*1024*1024+100)) /dev/zero | tr '\0' 'r' > a/raw.img
         qemu-img create -q -f qcow2 -b raw.img -F raw a/base.qcow2 32M
@@ -224,7 +231,8 @@ fn every_backing_image_has_its_own_view() {
         q -c 'write -P 0xa2 2M 1M' -c 'write -z 0 64k' mid2.qcow2
         qemu-img create -q -f qcow2 -b mid2.qcow2 -F qcow2 top.qcow2
         q -c 'write -P 0xa3 3M 1M' top.qcow2
-    "#);
+    "#,
+    );
     let top = dir.join("top.qcow2");
     let m = Mount::new(&[&top], &tmp.path().join("mnt"));
     let scratch = tmp.path().join("scratch");
@@ -258,7 +266,9 @@ fn two_snapshots_loop_mount_at_once_and_show_their_own_files() {
     std::fs::create_dir_all(dir.join("v1")).unwrap();
     std::fs::write(dir.join("v1/hello.txt"), "hello from version one\n").unwrap();
     std::fs::write(dir.join("v1/gone.txt"), "deleted in version two\n").unwrap();
-    sh(&dir, r#"
+    sh(
+        &dir,
+        r#"
         truncate -s 32M fs.raw
         mkfs.ext4 -q -F -d v1 fs.raw
         qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd fs.raw vm.qcow2
@@ -270,7 +280,8 @@ fn two_snapshots_loop_mount_at_once_and_show_their_own_files() {
         debugfs -w -R 'write two.txt new.txt' fs.raw >/dev/null 2>&1
         qemu-io -c 'write -s fs.raw 0 32M' vm.qcow2 >/dev/null
         qemu-img snapshot -c after-upgrade vm.qcow2
-    "#);
+    "#,
+    );
     let img = dir.join("vm.qcow2");
     let m = Mount::new(&[&img], &tmp.path().join("mnt"));
     let snaps = m.image_dir("vm.qcow2").join("snapshots");
@@ -337,7 +348,11 @@ fn random_snapshot_histories_match_qemu() {
                 5 if v3 => format!("discard {off} {len}"),
                 6 => {
                     let c = rng.below(size / cluster) * cluster;
-                    if ext_l2 { format!("write -P 9 {c} {cluster}") } else { format!("write -c -P 7 {c} {cluster}") }
+                    if ext_l2 {
+                        format!("write -P 9 {c} {cluster}")
+                    } else {
+                        format!("write -c -P 7 {c} {cluster}")
+                    }
                 }
                 _ => {
                     match rng.below(6) {

@@ -49,7 +49,12 @@ fn boot(qemu: &Path, disk: &Path, cache_none: bool, wait: Duration) -> String {
     }
     let mut child = Command::new(root.join("usr/bin/qemu-system-x86_64"))
         .env("QEMU_MODULE_DIR", root.join("usr/lib/x86_64-linux-gnu/qemu"))
-        .args(["-L", root.join("usr/share/qemu").to_str().unwrap(), "-L", root.join("usr/share/seabios").to_str().unwrap()])
+        .args([
+            "-L",
+            root.join("usr/share/qemu").to_str().unwrap(),
+            "-L",
+            root.join("usr/share/seabios").to_str().unwrap(),
+        ])
         .args(["-nographic", "-display", "none", "-monitor", "none", "-serial", "stdio", "-net", "none", "-no-reboot"])
         .args(["-m", "64", "-drive", &drive])
         .stdin(Stdio::null())
@@ -109,7 +114,11 @@ fn qemu_boots_from_a_snapshot_view_and_a_hexz_archive() {
     for disk in [&snapshot, &archive] {
         for cache_none in [true, false] {
             let out = boot(&qemu, disk, cache_none, Duration::from_secs(60));
-            assert!(out.contains(MARKER), "{} (cache=none: {cache_none}) did not boot; serial output:\n{out}", disk.display());
+            assert!(
+                out.contains(MARKER),
+                "{} (cache=none: {cache_none}) did not boot; serial output:\n{out}",
+                disk.display()
+            );
         }
     }
     let out = boot(&qemu, &m.disk("vm.qcow2"), true, Duration::from_secs(8));

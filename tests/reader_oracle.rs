@@ -89,13 +89,16 @@ fn every_cluster_size() {
     let cache = Arc::new(BlockCache::new(64 << 20));
     for cb in 9..=21 {
         let img = format!("cs{cb}.qcow2");
-        sh(&dir, &format!(
-            "qemu-img create -q -f qcow2 -o cluster_size={} {img} 64M && \
+        sh(
+            &dir,
+            &format!(
+                "qemu-img create -q -f qcow2 -o cluster_size={} {img} 64M && \
              qemu-io -c 'write -P 0x11 0 3k' -c 'write -P 0x22 1M 1M' -c 'write -P 0x33 {} 4096' \
                      -c 'write -s src8m.raw 20M 8M' {img} >/dev/null",
-            1u64 << cb,
-            (64 << 20) - 4096
-        ));
+                1u64 << cb,
+                (64 << 20) - 4096
+            ),
+        );
         check(&dir, &img, &cache);
     }
 }
@@ -107,19 +110,25 @@ fn compressed_zlib_and_zstd() {
     for ct in ["zlib", "zstd"] {
         for cb in [9, 12, 16, 21] {
             let img = format!("c_{ct}_{cb}.qcow2");
-            sh(&dir, &format!(
-                "qemu-img convert -c -f raw -O qcow2 -o compression_type={ct},cluster_size={} src8m.raw {img}",
-                1u64 << cb
-            ));
+            sh(
+                &dir,
+                &format!(
+                    "qemu-img convert -c -f raw -O qcow2 -o compression_type={ct},cluster_size={} src8m.raw {img}",
+                    1u64 << cb
+                ),
+            );
             check(&dir, &img, &cache);
         }
         let img = format!("c_{ct}_odd.qcow2");
         sh(&dir, &format!("qemu-img convert -c -f raw -O qcow2 -o compression_type={ct} odd.raw {img}"));
         check(&dir, &img, &cache);
     }
-    sh(&dir, "qemu-img create -q -f qcow2 -o compression_type=zstd mixc.qcow2 16M && \
+    sh(
+        &dir,
+        "qemu-img create -q -f qcow2 -o compression_type=zstd mixc.qcow2 16M && \
         qemu-io -c 'write -c -P 0x41 0 64k' -c 'write -c -P 0x42 64k 64k' -c 'write -P 0x43 128k 64k' \
-                -c 'write -c -s src8m.raw 1M 64k' mixc.qcow2 >/dev/null");
+                -c 'write -c -s src8m.raw 1M 64k' mixc.qcow2 >/dev/null",
+    );
     check(&dir, "mixc.qcow2", &cache);
 }
 
@@ -127,7 +136,9 @@ fn compressed_zlib_and_zstd() {
 fn extended_l2_zero_clusters_v2_and_chains() {
     let (_tmp, dir) = scratch();
     let cache = Arc::new(BlockCache::new(64 << 20));
-    sh(&dir, r#"
+    sh(
+        &dir,
+        r#"
         q() { qemu-io "$@" >/dev/null; }
         qemu-img create -q -f qcow2 -o cluster_size=64k sc_base.qcow2 16M
         q -c 'write -P 0xbb 0 16M' sc_base.qcow2
@@ -173,11 +184,26 @@ fn extended_l2_zero_clusters_v2_and_chains() {
         qemu-img create -q -f qcow2 bitmap.qcow2 16M
         qemu-img bitmap --add bitmap.qcow2 bm0
         q -c 'write -P 0x45 0 1M' bitmap.qcow2
-    "#);
+    "#,
+    );
     for img in [
-        "sc_top.qcow2", "sc2m.qcow2", "sc16k.qcow2", "chain/top.qcow2", "chain/mid2.qcow2",
-        "rawtop.qcow2", "zero.qcow2", "zerotop.qcow2", "v2.qcow2", "v2top.qcow2", "ext.qcow2",
-        "extraw.qcow2", "lazy.qcow2", "dirty.qcow2", "pmeta.qcow2", "rc1.qcow2", "rc64.qcow2",
+        "sc_top.qcow2",
+        "sc2m.qcow2",
+        "sc16k.qcow2",
+        "chain/top.qcow2",
+        "chain/mid2.qcow2",
+        "rawtop.qcow2",
+        "zero.qcow2",
+        "zerotop.qcow2",
+        "v2.qcow2",
+        "v2top.qcow2",
+        "ext.qcow2",
+        "extraw.qcow2",
+        "lazy.qcow2",
+        "dirty.qcow2",
+        "pmeta.qcow2",
+        "rc1.qcow2",
+        "rc64.qcow2",
         "bitmap.qcow2",
     ] {
         check(&dir, img, &cache);

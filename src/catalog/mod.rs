@@ -183,9 +183,7 @@ impl Catalog {
                 let file = FileSource::open(source)?;
                 match format::probe(&file)? {
                     Some(fmt) => cat.add_image(source, fmt, cache, passwords)?,
-                    None => {
-                        return Err(Error::open(source, "not a qcow2 image or HEXZ archive (unknown magic bytes)"))
-                    }
+                    None => return Err(Error::open(source, "not a qcow2 image or HEXZ archive (unknown magic bytes)")),
                 }
             }
         }
@@ -228,7 +226,13 @@ impl Catalog {
         (2..).map(|i| format!("{base}~{i}")).find(|n| !taken(n)).unwrap()
     }
 
-    fn add_image(&mut self, path: &Path, fmt: Format, cache: &Arc<BlockCache>, passwords: PasswordSource) -> Result<()> {
+    fn add_image(
+        &mut self,
+        path: &Path,
+        fmt: Format,
+        cache: &Arc<BlockCache>,
+        passwords: PasswordSource,
+    ) -> Result<()> {
         match fmt {
             Format::Qcow2 => {
                 let image = format::open_qcow2(path, cache)?;
@@ -247,7 +251,8 @@ impl Catalog {
                 if !ancestors.is_empty() {
                     let bdir = self.dir(dir, "backing", times);
                     for (n, parent) in ancestors.iter().enumerate() {
-                        let file_name = parent.path().file_name().map(|f| f.as_encoded_bytes().to_vec()).unwrap_or_default();
+                        let file_name =
+                            parent.path().file_name().map(|f| f.as_encoded_bytes().to_vec()).unwrap_or_default();
                         let ptimes = parent.file().times();
                         let pdir = self.dir(bdir, &format!("{}-{}", n + 1, names::escape(&file_name)), ptimes);
                         self.add_hexz(pdir, parent, ptimes);

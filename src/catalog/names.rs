@@ -100,13 +100,15 @@ pub fn snapshot_entries(snaps: &[(&str, &[u8])]) -> Vec<String> {
     let suffixed: Vec<String> = entries
         .into_iter()
         .enumerate()
-        .map(|(i, (e, _))| {
-            if counts[&e] > 1 || e.len() > NAME_MAX {
-                with_suffix(&e, &format!("~{}", i + 1))
-            } else {
-                e
-            }
-        })
+        .map(
+            |(i, (e, _))| {
+                if counts[&e] > 1 || e.len() > NAME_MAX {
+                    with_suffix(&e, &format!("~{}", i + 1))
+                } else {
+                    e
+                }
+            },
+        )
         .collect();
     // A suffixed entry can still meet a name that already ends that way
     // (only in hostile tables): the later one gets another suffix.
@@ -169,10 +171,7 @@ mod tests {
             ("7", "héllo wörld"),
             ("8", ".hidden"),
         ]);
-        assert_eq!(
-            got,
-            ["clean", "2-same", "3-same", "4-a%2Fb", "5", "6-1", "héllo wörld", "8-%2Ehidden"]
-        );
+        assert_eq!(got, ["clean", "2-same", "3-same", "4-a%2Fb", "5", "6-1", "héllo wörld", "8-%2Ehidden"]);
     }
 
     #[test]

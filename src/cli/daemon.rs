@@ -52,7 +52,8 @@ pub fn mount(args: MountArgs) -> Result<()> {
     config.clone_fd = true;
     // SAFETY: plain getters.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let owner = Ownership { uid: args.uid.unwrap_or(uid), gid: args.gid.unwrap_or(gid), umask: args.umask.unwrap_or(0) };
+    let owner =
+        Ownership { uid: args.uid.unwrap_or(uid), gid: args.gid.unwrap_or(gid), umask: args.umask.unwrap_or(0) };
     let fs = SnapFs::new(catalog, owner);
 
     if args.foreground {
@@ -189,7 +190,9 @@ fn pipe() -> Result<(File, File)> {
 fn redirect_stdio(log: Option<&Path>) {
     let null = File::options().read(true).write(true).open("/dev/null");
     let out = match log {
-        Some(p) => File::options().create(true).append(true).open(p).or_else(|_| File::options().write(true).open("/dev/null")),
+        Some(p) => {
+            File::options().create(true).append(true).open(p).or_else(|_| File::options().write(true).open("/dev/null"))
+        }
         None => File::options().write(true).open("/dev/null"),
     };
     if let (Ok(null), Ok(out)) = (null, out) {
@@ -218,7 +221,11 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf> {
     let path = std::fs::canonicalize(path).with_context(|| format!("{}: mountpoint", path.display()))?;
     // A directory that is already a mountpoint would be hidden under ours.
     if super::mountinfo::fs_type(&path).is_some() {
-        bail!("{}: something is already mounted there (unmount it first: snapmount umount {})", path.display(), path.display());
+        bail!(
+            "{}: something is already mounted there (unmount it first: snapmount umount {})",
+            path.display(),
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -232,7 +239,9 @@ fn check_allow_other() -> Result<()> {
     let conf = std::fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
     let allowed = conf.lines().any(|l| l.trim() == "user_allow_other");
     if !allowed {
-        bail!("allow_other needs 'user_allow_other' in /etc/fuse.conf (ask an administrator to add it), or mount as root");
+        bail!(
+            "allow_other needs 'user_allow_other' in /etc/fuse.conf (ask an administrator to add it), or mount as root"
+        );
     }
     Ok(())
 }

@@ -51,7 +51,11 @@ fn select(catalog: &Catalog, source: &Path, snapshot: Option<&str>) -> Result<Ar
             let found = pick("entry").or_else(|| pick("id")).or_else(|| pick("name"));
             let entry = found.and_then(|s| s["entry"].as_str()).ok_or_else(|| {
                 let known: Vec<&str> = snaps.iter().filter_map(|s| s["entry"].as_str()).collect();
-                anyhow!("{}: no snapshot '{snap}' (snapshots: {})", source.display(), if known.is_empty() { "none".into() } else { known.join(", ") })
+                anyhow!(
+                    "{}: no snapshot '{snap}' (snapshots: {})",
+                    source.display(),
+                    if known.is_empty() { "none".into() } else { known.join(", ") }
+                )
             })?;
             format!("{image}/snapshots/{entry}/disk.raw")
         }

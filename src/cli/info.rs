@@ -40,7 +40,11 @@ fn size(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {} ({bytes} bytes)", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {} ({bytes} bytes)", UNITS[unit])
+    }
 }
 
 /// The info as lines for a person.
@@ -61,12 +65,18 @@ fn human(v: &Value) -> String {
             line("data file:", s(&v["data_file"]));
         }
         for (i, b) in v["backing_chain"].as_array().into_iter().flatten().enumerate() {
-            line(if i == 0 { "backing chain:" } else { "" }, format!("{} ({}) -> {}", s(&b["name"]), s(&b["format"]), s(&b["path"])));
+            line(
+                if i == 0 { "backing chain:" } else { "" },
+                format!("{} ({}) -> {}", s(&b["name"]), s(&b["format"]), s(&b["path"])),
+            );
         }
         let snaps = v["snapshots"].as_array().cloned().unwrap_or_default();
         line("snapshots:", snaps.len().to_string());
         if !snaps.is_empty() {
-            out.push_str(&format!("  {:<6} {:<24} {:<22} {:>12} {:>12}\n", "ID", "NAME", "DATE", "DISK SIZE", "VM STATE"));
+            out.push_str(&format!(
+                "  {:<6} {:<24} {:<22} {:>12} {:>12}\n",
+                "ID", "NAME", "DATE", "DISK SIZE", "VM STATE"
+            ));
             for sn in &snaps {
                 let date = rfc3339(sn["date_sec"].as_u64().unwrap_or(0), 0);
                 out.push_str(&format!(
@@ -87,14 +97,27 @@ fn human(v: &Value) -> String {
         line("block size:", s(&v["block_size"]));
         if !v["cdc"].is_null() {
             let c = &v["cdc"];
-            line("chunking:", format!("content-defined, {}..{} bytes, avg {}", c["min_chunk"], c["max_chunk"], c["avg_chunk"]));
+            line(
+                "chunking:",
+                format!("content-defined, {}..{} bytes, avg {}", c["min_chunk"], c["max_chunk"], c["avg_chunk"]),
+            );
         }
         let b = &v["blocks"];
         line(
             "blocks:",
-            format!("{} entries: {} stored, {} deduplicated, {} sparse, {} in parents", b["entries"], b["stored"], b["deduplicated"], b["sparse"], b["parent_refs"]),
+            format!(
+                "{} entries: {} stored, {} deduplicated, {} sparse, {} in parents",
+                b["entries"], b["stored"], b["deduplicated"], b["sparse"], b["parent_refs"]
+            ),
         );
-        line("encryption:", if v["encryption"].is_null() { "none".into() } else { format!("{} ({} PBKDF2 iterations)", s(&v["encryption"]["cipher"]), v["encryption"]["iterations"]) });
+        line(
+            "encryption:",
+            if v["encryption"].is_null() {
+                "none".into()
+            } else {
+                format!("{} ({} PBKDF2 iterations)", s(&v["encryption"]["cipher"]), v["encryption"]["iterations"])
+            },
+        );
         line("signed:", s(&v["signature"]));
         for (i, p) in v["parent_chain"].as_array().into_iter().flatten().enumerate() {
             line(if i == 0 { "parent chain:" } else { "" }, format!("{} -> {}", s(&p["name"]), s(&p["path"])));

@@ -137,16 +137,40 @@ impl MountArgs {
                 "uid" => self.uid = Some(need(value)?.parse().map_err(|_| anyhow::anyhow!("bad uid in '{opt}'"))?),
                 "gid" => self.gid = Some(need(value)?.parse().map_err(|_| anyhow::anyhow!("bad gid in '{opt}'"))?),
                 "umask" => self.umask = Some(parse_umask(&need(value)?).map_err(anyhow::Error::msg)?),
-                "cache_size" | "cache-size" => self.cache_size = parse_cache_size(&need(value)?).map_err(anyhow::Error::msg)?,
+                "cache_size" | "cache-size" => {
+                    self.cache_size = parse_cache_size(&need(value)?).map_err(anyhow::Error::msg)?
+                }
                 "password_file" => self.password_file = Some(need(value)?.into()),
                 "log_file" => self.log_file = Some(need(value)?.into()),
-                "threads" => self.threads = Some(need(value)?.parse().map_err(|_| anyhow::anyhow!("bad thread count in '{opt}'"))?),
+                "threads" => {
+                    self.threads =
+                        Some(need(value)?.parse().map_err(|_| anyhow::anyhow!("bad thread count in '{opt}'"))?)
+                }
                 "foreground" => self.foreground = true,
                 "rw" => tracing::warn!("snapmount mounts are read-only; ignoring 'rw'"),
                 // Generic options mount(8) and fstab use; nothing to do here.
-                "ro" | "defaults" | "auto" | "noauto" | "user" | "users" | "nouser" | "nofail" | "_netdev"
-                | "nodev" | "nosuid" | "noexec" | "exec" | "dev" | "suid" | "noatime" | "atime"
-                | "relatime" | "nodiratime" | "async" | "sync" | "default_permissions" => {}
+                "ro"
+                | "defaults"
+                | "auto"
+                | "noauto"
+                | "user"
+                | "users"
+                | "nouser"
+                | "nofail"
+                | "_netdev"
+                | "nodev"
+                | "nosuid"
+                | "noexec"
+                | "exec"
+                | "dev"
+                | "suid"
+                | "noatime"
+                | "atime"
+                | "relatime"
+                | "nodiratime"
+                | "async"
+                | "sync"
+                | "default_permissions" => {}
                 k if k.starts_with("x-") || k.starts_with("comment=") => {}
                 _ => anyhow::bail!("unknown mount option '{opt}'"),
             }

@@ -17,9 +17,7 @@ pub fn password_for(file: Option<&PathBuf>, archive: &Path) -> Result<String, St
     if let Ok(p) = std::env::var(ENV) {
         return Ok(p);
     }
-    prompt(archive).map_err(|e| {
-        format!("a password is needed: give --password-file FILE or set {ENV} ({e})")
-    })
+    prompt(archive).map_err(|e| format!("a password is needed: give --password-file FILE or set {ENV} ({e})"))
 }
 
 fn prompt(archive: &Path) -> std::io::Result<String> {

@@ -35,13 +35,12 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
         ),
         Some(libc::EINVAL) => bail!("{}: not a mountpoint", mountpoint.display()),
         Some(libc::ENOENT) => bail!("{}: no such directory", mountpoint.display()),
-        Some(libc::ENOTCONN) | Some(libc::EIO) => {
+        Some(libc::ENOTCONN) | Some(libc::EIO)
             // A dead daemon's mount: detach it.
             // SAFETY: as above.
-            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 => {
                 return Ok(());
             }
-        }
         _ => {}
     }
     // Not root: the setuid helper may unmount our own FUSE mounts.

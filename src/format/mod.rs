@@ -51,21 +51,14 @@ pub fn open_qcow2(path: &Path, cache: &Arc<BlockCache>) -> Result<Arc<Qcow2Image
     open_qcow2_in_chain(path, cache, &mut Vec::new())
 }
 
-fn open_qcow2_in_chain(
-    path: &Path,
-    cache: &Arc<BlockCache>,
-    chain: &mut Vec<PathBuf>,
-) -> Result<Arc<Qcow2Image>> {
+fn open_qcow2_in_chain(path: &Path, cache: &Arc<BlockCache>, chain: &mut Vec<PathBuf>) -> Result<Arc<Qcow2Image>> {
     let file = Arc::new(FileSource::open(path)?);
     let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
     if chain.contains(&canonical) {
         return Err(Error::open(path, "backing chain loops back to this image"));
     }
     if chain.len() >= MAX_CHAIN_DEPTH {
-        return Err(Error::open(
-            path,
-            format!("backing chain deeper than {MAX_CHAIN_DEPTH} images"),
-        ));
+        return Err(Error::open(path, format!("backing chain deeper than {MAX_CHAIN_DEPTH} images")));
     }
     chain.push(canonical);
 
@@ -79,9 +72,8 @@ fn open_qcow2_in_chain(
     let data = match &header.data_file {
         Some(name) if header.has_data_file() => {
             let data_path = resolve_name(path, name, "external data file")?;
-            let data = FileSource::open(&data_path).map_err(|e| {
-                Error::open(path, format!("external data file '{name}' cannot be opened: {e}"))
-            })?;
+            let data = FileSource::open(&data_path)
+                .map_err(|e| Error::open(path, format!("external data file '{name}' cannot be opened: {e}")))?;
             Some(Arc::new(data))
         }
         _ => None,
@@ -116,9 +108,7 @@ fn open_backing(
     let path = resolve_name(image, name, "backing file")?;
     let file = FileSource::open(&path).map_err(|e| {
         let reason = match &e {
-            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                "not found".to_string()
-            }
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "not found".to_string(),
             other => other.to_string(),
         };
         Error::open(image, format!("backing file '{name}' ({}): {reason}", path.display()))
@@ -136,10 +126,7 @@ fn open_backing(
             // Legacy images: probe by magic, as QEMU does, but only ever
             // promote a file to qcow2 on its magic, never demote a qcow2.
             let probed = if probe(&file)? == Some(Format::Qcow2) { "qcow2" } else { "raw" };
-            warn!(
-                "{}: no backing format recorded for '{name}'; probed it as {probed}",
-                image.display()
-            );
+            warn!("{}: no backing format recorded for '{name}'; probed it as {probed}", image.display());
             probed
         }
     };

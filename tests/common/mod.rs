@@ -27,9 +27,8 @@ pub fn bin() -> &'static str {
 // ---------------------------------------------------------------------------
 
 fn find_in_path(cmd: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     for extra in ["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
         dirs.push(PathBuf::from(extra));
     }
@@ -101,9 +100,7 @@ impl Outcome {
 
 fn shell_quote(s: &OsStr) -> String {
     let s = s.to_string_lossy();
-    if !s.is_empty()
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=,:@%+".contains(c))
-    {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=,:@%+".contains(c)) {
         s.into_owned()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
@@ -274,11 +271,7 @@ pub fn files_equal(a: &Path, b: &Path) -> Result<(), String> {
     let la = fa.metadata().map_err(|e| format!("stat {}: {e}", a.display()))?.len();
     let lb = fb.metadata().map_err(|e| format!("stat {}: {e}", b.display()))?.len();
     if la != lb {
-        return Err(format!(
-            "size differs: {} is {la} bytes, expected {} is {lb} bytes",
-            a.display(),
-            b.display()
-        ));
+        return Err(format!("size differs: {} is {la} bytes, expected {} is {lb} bytes", a.display(), b.display()));
     }
     const CH: usize = 1 << 20;
     let mut ba = vec![0u8; CH];
@@ -346,7 +339,7 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() + 0 && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -411,11 +404,7 @@ pub fn pids_mentioning(needle: &Path) -> Vec<i32> {
         None,
         Duration::from_secs(10),
     );
-    o.stdout
-        .split_whitespace()
-        .filter_map(|s| s.parse::<i32>().ok())
-        .filter(|&p| p != me)
-        .collect()
+    o.stdout.split_whitespace().filter_map(|s| s.parse::<i32>().ok()).filter(|&p| p != me).collect()
 }
 
 /// Waits up to `timeout` for `cond`; returns its last value.
@@ -450,7 +439,10 @@ pub fn force_unmount(mnt: &Path) {
     // The daemon should exit on its own once unmounted; kill it by pid if it lingers.
     if !wait_for(Duration::from_secs(5), || pids_mentioning(&mnt).is_empty()) {
         for pid in pids_mentioning(&mnt) {
-            eprintln!("snapmount test cleanup: process {pid} for {} still alive after unmount, killing it", mnt.display());
+            eprintln!(
+                "snapmount test cleanup: process {pid} for {} still alive after unmount, killing it",
+                mnt.display()
+            );
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
             }
@@ -678,9 +670,36 @@ impl Rng {
 }
 
 const WORDS: &[&str] = &[
-    "the", "cluster", "snapshot", "backing", "qcow2", "image", "read", "only", "daemon", "fuse",
-    "kernel", "block", "offset", "table", "zero", "data", "compressed", "virtual", "disk", "guest",
-    "host", "header", "refcount", "extent", "lorem", "ipsum", "dolor", "sit", "amet", "\n",
+    "the",
+    "cluster",
+    "snapshot",
+    "backing",
+    "qcow2",
+    "image",
+    "read",
+    "only",
+    "daemon",
+    "fuse",
+    "kernel",
+    "block",
+    "offset",
+    "table",
+    "zero",
+    "data",
+    "compressed",
+    "virtual",
+    "disk",
+    "guest",
+    "host",
+    "header",
+    "refcount",
+    "extent",
+    "lorem",
+    "ipsum",
+    "dolor",
+    "sit",
+    "amet",
+    "\n",
 ];
 
 /// Deterministic "half compressible" bytes: 4 KiB blocks that are text-ish, pseudo-random,

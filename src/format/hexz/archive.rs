@@ -293,7 +293,9 @@ impl HexzArchive {
         }
         // LZ4's worst case for the largest block, plus prefix and GCM tag.
         if info.length > MAX_BLOCK + MAX_BLOCK / 255 + 64 {
-            return Err(self.corrupt(logical, format!("stored block of {} bytes is larger than any block", info.length)));
+            return Err(
+                self.corrupt(logical, format!("stored block of {} bytes is larger than any block", info.length))
+            );
         }
         let mut out = new_block(info.logical_len as usize);
         with_scratch(info.length as usize, |stored| {
@@ -302,7 +304,10 @@ impl HexzArchive {
             if crc != info.checksum {
                 return Err(self.corrupt(
                     logical,
-                    format!("block at {:#x}: CRC32 {crc:08x} does not match the index ({:08x})", info.offset, info.checksum),
+                    format!(
+                        "block at {:#x}: CRC32 {crc:08x} does not match the index ({:08x})",
+                        info.offset, info.checksum
+                    ),
                 ));
             }
             let decrypted;
@@ -686,8 +691,5 @@ fn resolve_parent_path(child: &Path, name: &str) -> Result<PathBuf> {
     if p.exists() {
         return Ok(std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
     }
-    Err(Error::open(
-        child,
-        format!("parent archive '{name}' not found (looked for {} and ./{name})", beside.display()),
-    ))
+    Err(Error::open(child, format!("parent archive '{name}' not found (looked for {} and ./{name})", beside.display())))
 }

@@ -90,11 +90,8 @@ impl Header {
         let has_main = c.bool("has_main")?;
         let has_auxiliary = c.bool("has_auxiliary")?;
         let variable_blocks = c.bool("variable_blocks")?;
-        let cdc_params = if c.option("cdc parameters")? {
-            Some((c.u32("cdc")?, c.u32("cdc")?, c.u32("cdc")?))
-        } else {
-            None
-        };
+        let cdc_params =
+            if c.option("cdc parameters")? { Some((c.u32("cdc")?, c.u32("cdc")?, c.u32("cdc")?)) } else { None };
         Ok(Header {
             version,
             block_size,

@@ -41,10 +41,7 @@ fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), String> {
         }
         let produced = d.total_out() as usize;
         if produced != out.len() {
-            return Err(format!(
-                "deflate stream decompressed to {produced} bytes, not one cluster ({})",
-                out.len()
-            ));
+            return Err(format!("deflate stream decompressed to {produced} bytes, not one cluster ({})", out.len()));
         }
         Ok(())
     })
@@ -72,10 +69,7 @@ fn zstd_loop(ctx: &mut DCtx<'static>, input: &[u8], out: &mut [u8]) -> Result<()
             return Ok(());
         }
         if inb.pos == in_before && outb.pos() == out_before {
-            return Err(format!(
-                "zstd stream ended after {} bytes, not one cluster ({want})",
-                outb.pos()
-            ));
+            return Err(format!("zstd stream ended after {} bytes, not one cluster ({want})", outb.pos()));
         }
     }
 }

@@ -116,9 +116,7 @@ impl Header {
         }
         let cluster_bits = be32(first, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-            return Err(bad(format!(
-                "bad header: cluster_bits {cluster_bits} outside 9..21 (512 B to 2 MiB)"
-            )));
+            return Err(bad(format!("bad header: cluster_bits {cluster_bits} outside 9..21 (512 B to 2 MiB)")));
         }
         let cluster_size = 1u64 << cluster_bits;
         if (first.len() as u64) < cluster_size.min(104) {
@@ -157,10 +155,7 @@ impl Header {
                 return Err(bad(format!("bad header: header_length {}", h.header_length)));
             }
             if h.header_length as u64 > cluster_size || h.header_length as usize > first.len() {
-                return Err(bad(format!(
-                    "bad header: header_length {} larger than a cluster",
-                    h.header_length
-                )));
+                return Err(bad(format!("bad header: header_length {} larger than a cluster", h.header_length)));
             }
             if h.header_length > 104 {
                 h.compression = match first[104] {
@@ -217,8 +212,8 @@ impl Header {
             let name = &first[backing_offset as usize..(backing_offset + backing_len as u64) as usize];
             // QEMU treats it as a C string: a NUL ends it.
             let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
-            let name = String::from_utf8(name.to_vec())
-                .map_err(|_| bad("backing file name is not valid UTF-8".into()))?;
+            let name =
+                String::from_utf8(name.to_vec()).map_err(|_| bad("backing file name is not valid UTF-8".into()))?;
             if !name.is_empty() {
                 h.backing_file = Some(name);
             }
@@ -286,16 +281,15 @@ impl Header {
                 }
                 EXT_DATA_FILE => {
                     let data = &data[..data.iter().position(|&b| b == 0).unwrap_or(data.len())];
-                    let name = String::from_utf8(data.to_vec())
-                        .map_err(|_| bad("data file name is not valid UTF-8"))?;
+                    let name =
+                        String::from_utf8(data.to_vec()).map_err(|_| bad("data file name is not valid UTF-8"))?;
                     self.data_file = Some(name);
                 }
                 EXT_FEATURE_TABLE => {
                     for entry in data.chunks_exact(48) {
                         let name = &entry[2..];
                         let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
-                        self.feature_names
-                            .push((entry[0], entry[1], String::from_utf8_lossy(name).into_owned()));
+                        self.feature_names.push((entry[0], entry[1], String::from_utf8_lossy(name).into_owned()));
                     }
                 }
                 _ => {} // bitmaps, FDE pointer, unknown: not needed to read

@@ -120,7 +120,12 @@ impl Qcow2Image {
     /// The disk as it was when snapshot `index` was taken.
     pub fn snapshot_view(self: &Arc<Self>, index: usize) -> Qcow2View {
         let s = &self.snapshots[index];
-        Qcow2View { image: self.clone(), table: Table::Snapshot(index), base: 0, size: s.disk_size.min(MAX_VIEW_SIZE) & !511 }
+        Qcow2View {
+            image: self.clone(),
+            table: Table::Snapshot(index),
+            base: 0,
+            size: s.disk_size.min(MAX_VIEW_SIZE) & !511,
+        }
     }
 
     /// The VM state saved with snapshot `index`: stored in the snapshot's L1
@@ -191,13 +196,10 @@ impl Qcow2Image {
         let slot = ((guest >> self.geo.cluster_bits) & (self.geo.l2_entries() - 1)) as usize;
         let at = slot * self.geo.entry_bytes() as usize;
         let entry = u64::from_be_bytes(table[at..at + 8].try_into().unwrap());
-        let bitmap = if self.geo.extended_l2 {
-            u64::from_be_bytes(table[at + 8..at + 16].try_into().unwrap())
-        } else {
-            0
-        };
-        let mapping = l2::decode(&self.geo, entry, bitmap, guest)
-            .map_err(|msg| Error::corrupt(&self.path, guest, msg))?;
+        let bitmap =
+            if self.geo.extended_l2 { u64::from_be_bytes(table[at + 8..at + 16].try_into().unwrap()) } else { 0 };
+        let mapping =
+            l2::decode(&self.geo, entry, bitmap, guest).map_err(|msg| Error::corrupt(&self.path, guest, msg))?;
         let granule = match mapping {
             Mapping::Compressed { .. } => cs,
             _ => self.geo.granule_size(),

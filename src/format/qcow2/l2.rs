@@ -36,7 +36,11 @@ impl Geometry {
     }
 
     pub fn entry_bytes(&self) -> u64 {
-        if self.extended_l2 { 16 } else { 8 }
+        if self.extended_l2 {
+            16
+        } else {
+            8
+        }
     }
 
     pub fn l2_entries(&self) -> u64 {
@@ -46,7 +50,11 @@ impl Geometry {
     /// Size of the unit an L2 entry maps independently: a subcluster with
     /// extended L2, else a cluster.
     pub fn granule_size(&self) -> u64 {
-        if self.extended_l2 { self.cluster_size() / 32 } else { self.cluster_size() }
+        if self.extended_l2 {
+            self.cluster_size() / 32
+        } else {
+            self.cluster_size()
+        }
     }
 
     /// Guest bytes covered by one L1 entry.
