@@ -63,7 +63,7 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(4096));
     for name in ["plain", "zlib", "zstd"] {
         let cache = Arc::new(BlockCache::new(1 << 30));
-        let image = open_qcow2(&dir.join(format!("{name}.qcow2")), &cache).unwrap();
+        let image = open_qcow2(&dir.join(format!("{name}.qcow2")), &cache, &Default::default()).unwrap();
         let view = image.active_view();
         let mut buf = vec![0u8; 4096];
         let mut off = 0u64;
@@ -78,7 +78,14 @@ fn bench(c: &mut Criterion) {
         // table read and, for compressed images, one cluster decompression.
         group.bench_function(format!("{name}/cold"), |b| {
             b.iter_batched(
-                || open_qcow2(&dir.join(format!("{name}.qcow2")), &Arc::new(BlockCache::new(1 << 30))).unwrap(),
+                || {
+                    open_qcow2(
+                        &dir.join(format!("{name}.qcow2")),
+                        &Arc::new(BlockCache::new(1 << 30)),
+                        &Default::default(),
+                    )
+                    .unwrap()
+                },
                 |img| img.active_view().read_at(&mut buf, 40 << 20).unwrap(),
                 BatchSize::SmallInput,
             )
@@ -90,7 +97,7 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(1 << 20));
     for name in ["plain", "zstd"] {
         let cache = Arc::new(BlockCache::new(1 << 30));
-        let image = open_qcow2(&dir.join(format!("{name}.qcow2")), &cache).unwrap();
+        let image = open_qcow2(&dir.join(format!("{name}.qcow2")), &cache, &Default::default()).unwrap();
         let view = image.active_view();
         let mut buf = vec![0u8; 1 << 20];
         let mut off = 0u64;

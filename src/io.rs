@@ -11,6 +11,20 @@ use std::time::SystemTime;
 
 use crate::error::{Error, Result};
 
+pub mod access;
+pub mod lock;
+
+/// The rules a command applies to every file it opens for reading.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenRules {
+    /// Take no QEMU image locks and do not refuse images that a writer holds
+    /// (`--force-share`).
+    pub force_share: bool,
+    /// Open backing, data and parent files named inside an image even when
+    /// the image's owner could not read them (`--trust-backing`).
+    pub trust_backing: bool,
+}
+
 /// Identity of a file on this host: the cache keys on it, so that two paths to
 /// one file (or two views of one image) share cached blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -29,6 +43,10 @@ pub struct FileSource {
     mtime: SystemTime,
     atime: SystemTime,
     ctime: SystemTime,
+    /// Owner, group and permission bits of the file when it was opened.
+    uid: u32,
+    gid: u32,
+    mode: u32,
     readahead: Readahead,
 }
 
@@ -74,10 +92,44 @@ impl FileSource {
             mtime: time(meta.mtime(), meta.mtime_nsec()),
             atime: time(meta.atime(), meta.atime_nsec()),
             ctime: time(meta.ctime(), meta.ctime_nsec()),
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mode: meta.mode(),
             path: path.to_path_buf(),
             file,
             readahead: Readahead::default(),
         })
+    }
+
+    /// Opens a file that snapmount will read as an image or part of one
+    /// (backing file, data file, parent archive): under QEMU's image locks
+    /// unless `rules.force_share`.
+    pub fn open_image(path: &Path, rules: &OpenRules) -> Result<Self> {
+        let source = FileSource::open(path)?;
+        if !rules.force_share {
+            lock::lock_shared_read(&source.file, path)?;
+        }
+        Ok(source)
+    }
+
+    /// Opens `path`, which the image `referrer` names inside itself (a
+    /// backing file, external data file or parent archive): only if the
+    /// owner of `referrer` could read it, unless `rules.trust_backing`.
+    pub fn open_named(referrer: &FileSource, path: &Path, rules: &OpenRules) -> Result<Self> {
+        if !rules.trust_backing {
+            access::check_readable_by(referrer, path)?;
+        }
+        FileSource::open_image(path, rules)
+    }
+
+    /// Owner and group of the file.
+    pub fn owner(&self) -> (u32, u32) {
+        (self.uid, self.gid)
+    }
+
+    /// `st_mode` of the file (type and permission bits).
+    pub fn mode(&self) -> u32 {
+        self.mode
     }
 
     pub fn path(&self) -> &Path {

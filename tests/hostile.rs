@@ -37,7 +37,7 @@ impl Rng {
 /// allocation walk that `stat` and SEEK_DATA do.
 fn exercise(path: &Path) -> Result<(), String> {
     let cache = Arc::new(BlockCache::new(16 << 20));
-    let image = open_qcow2(path, &cache).map_err(|e| e.to_string())?;
+    let image = open_qcow2(path, &cache, &Default::default()).map_err(|e| e.to_string())?;
     let mut views: Vec<Box<dyn View>> = vec![Box::new(image.active_view())];
     for i in 0..image.snapshots().len().min(8) {
         views.push(Box::new(image.snapshot_view(i)));
@@ -152,7 +152,7 @@ fn damage_and_read(originals: &[PathBuf], dir: &Path, read: fn(&Path) -> Result<
 fn exercise_hexz(path: &Path) -> Result<(), String> {
     let cache = Arc::new(BlockCache::new(16 << 20));
     let no_password = |_: &Path| Err("no password in this test".to_string());
-    let archive = open_hexz(path, &cache, &no_password).map_err(|e| e.to_string())?;
+    let archive = open_hexz(path, &cache, &no_password, &Default::default()).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 1 << 20];
     for stream in [Stream::Main, Stream::Auxiliary] {
         let v = archive.view(stream);

@@ -57,7 +57,7 @@ fn check(dir: &Path, img: &str, cache: &Arc<BlockCache>) {
     let expected_path = dir.join(format!("{img}.expected"));
     sh(dir, &format!("qemu-img convert -O raw '{img}' '{}'", expected_path.display()));
     let expected = std::fs::read(&expected_path).unwrap();
-    let image = open_qcow2(&dir.join(img), cache).unwrap_or_else(|e| panic!("{img}: {e}"));
+    let image = open_qcow2(&dir.join(img), cache, &Default::default()).unwrap_or_else(|e| panic!("{img}: {e}"));
     let view = image.active_view();
     assert_eq!(view.size(), expected.len() as u64, "{img}: size");
     let mut got = vec![0u8; expected.len()];

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::format::hexz::{self, HexzArchive, PasswordSource, Stream};
 use crate::format::qcow2::{Backing, Qcow2Image};
 use crate::format::{self, Format};
-use crate::io::FileSource;
+use crate::io::{FileSource, OpenRules};
 use crate::view::{self, SliceView, View};
 
 pub use info::rfc3339;
@@ -149,7 +149,12 @@ impl Catalog {
     /// Opens every source (an image, or a directory whose images are all
     /// taken) and lays out the tree. Any image that cannot be opened fails the
     /// whole build, so nothing half-works.
-    pub fn build(sources: &[PathBuf], cache: &Arc<BlockCache>, passwords: PasswordSource) -> Result<Catalog> {
+    pub fn build(
+        sources: &[PathBuf],
+        cache: &Arc<BlockCache>,
+        passwords: PasswordSource,
+        rules: &OpenRules,
+    ) -> Result<Catalog> {
         let now = SystemTime::now();
         let mut cat = Catalog { nodes: Vec::new() };
         cat.add(0, None, Content::Dir(BTreeMap::new()), (now, now, now));
@@ -170,7 +175,7 @@ impl Catalog {
                     };
                     match format::probe(&file)? {
                         Some(fmt) => {
-                            cat.add_image(&path, fmt, cache, passwords)?;
+                            cat.add_image(&path, fmt, cache, passwords, rules)?;
                             found += 1;
                         }
                         None => info!("skipping {}: not a qcow2 image or HEXZ archive", path.display()),
@@ -182,7 +187,7 @@ impl Catalog {
             } else {
                 let file = FileSource::open(source)?;
                 match format::probe(&file)? {
-                    Some(fmt) => cat.add_image(source, fmt, cache, passwords)?,
+                    Some(fmt) => cat.add_image(source, fmt, cache, passwords, rules)?,
                     None => return Err(Error::open(source, "not a qcow2 image or HEXZ archive (unknown magic bytes)")),
                 }
             }
@@ -232,17 +237,18 @@ impl Catalog {
         fmt: Format,
         cache: &Arc<BlockCache>,
         passwords: PasswordSource,
+        rules: &OpenRules,
     ) -> Result<()> {
         match fmt {
             Format::Qcow2 => {
-                let image = format::open_qcow2(path, cache)?;
+                let image = format::open_qcow2(path, cache, rules)?;
                 let name = self.unique_root_name(path);
                 let times = image.file().times();
                 let dir = self.dir(ROOT, &name, times);
                 self.add_qcow2(dir, &image, times);
             }
             Format::Hexz => {
-                let archive = hexz::open_hexz(path, cache, passwords)?;
+                let archive = hexz::open_hexz(path, cache, passwords, rules)?;
                 let name = self.unique_root_name(path);
                 let times = archive.file().times();
                 let dir = self.dir(ROOT, &name, times);

@@ -34,7 +34,7 @@ pub fn mount(args: MountArgs) -> Result<()> {
     let cache = Arc::new(BlockCache::new(args.cache_size));
     let password_file = args.password_file.clone();
     let passwords = move |archive: &Path| super::password::password_for(password_file.as_ref(), archive);
-    let catalog = Arc::new(Catalog::build(sources, &cache, &passwords)?);
+    let catalog = Arc::new(Catalog::build(sources, &cache, &passwords, &args.rules.rules())?);
     tracing::debug!("{} entries ready; mounting on {}", catalog.len(), mountpoint.display());
 
     let mut config = Config::default();

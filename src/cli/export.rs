@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use snapmount::cache::BlockCache;
 use snapmount::catalog::{Catalog, Content};
+use snapmount::io::OpenRules;
 use snapmount::view::View;
 
 use super::password::password_for;
@@ -67,11 +68,17 @@ fn select(catalog: &Catalog, source: &Path, snapshot: Option<&str>) -> Result<Ar
     }
 }
 
-pub fn export(source: &str, output: &Path, password_file: Option<&PathBuf>, cache_size: u64) -> Result<()> {
+pub fn export(
+    source: &str,
+    output: &Path,
+    password_file: Option<&PathBuf>,
+    cache_size: u64,
+    rules: &OpenRules,
+) -> Result<()> {
     let (file, snapshot) = split_source(source);
     let cache = Arc::new(BlockCache::new(cache_size));
     let passwords = |archive: &Path| password_for(password_file, archive);
-    let catalog = Catalog::build(std::slice::from_ref(&file), &cache, &passwords)?;
+    let catalog = Catalog::build(std::slice::from_ref(&file), &cache, &passwords, rules)?;
     let view = select(&catalog, &file, snapshot.as_deref())?;
     let out = File::create(output).with_context(|| format!("{}: cannot create", output.display()))?;
     out.set_len(view.size()).with_context(|| format!("{}: cannot size", output.display()))?;

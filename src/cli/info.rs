@@ -9,13 +9,14 @@ use serde_json::Value;
 
 use snapmount::cache::BlockCache;
 use snapmount::catalog::{rfc3339, Catalog, Content, ROOT};
+use snapmount::io::OpenRules;
 
 use super::password::password_for;
 
-pub fn info(image: &Path, json: bool, password_file: Option<&PathBuf>) -> Result<()> {
+pub fn info(image: &Path, json: bool, password_file: Option<&PathBuf>, rules: &OpenRules) -> Result<()> {
     let cache = Arc::new(BlockCache::new(64 << 20));
     let passwords = |archive: &Path| password_for(password_file, archive);
-    let catalog = Catalog::build(&[image.to_path_buf()], &cache, &passwords)?;
+    let catalog = Catalog::build(&[image.to_path_buf()], &cache, &passwords, rules)?;
     let dir = catalog.children(ROOT).into_iter().next().ok_or_else(|| anyhow!("{}: nothing found", image.display()))?;
     let node = catalog.resolve(&format!("{dir}/info.json")).and_then(|i| catalog.node(i));
     let bytes = match node.map(|n| &n.content) {

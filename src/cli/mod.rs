@@ -39,6 +39,8 @@ pub enum Command {
         /// Password file for encrypted HEXZ archives.
         #[arg(long, value_name = "FILE")]
         password_file: Option<PathBuf>,
+        #[command(flatten)]
+        rules: RuleArgs,
     },
     /// Write a view (the disk, or SOURCE@SNAPSHOT) to a raw file, sparse
     /// where the source is unallocated or zero. Needs no FUSE.
@@ -53,6 +55,8 @@ pub enum Command {
         /// Bound of the block cache.
         #[arg(long, value_name = "SIZE", default_value = DEFAULT_CACHE, value_parser = parse_cache_size)]
         cache_size: u64,
+        #[command(flatten)]
+        rules: RuleArgs,
     },
     /// Unmount a snapmount mountpoint (also cleans a stale one).
     #[command(alias = "unmount")]
@@ -60,6 +64,26 @@ pub enum Command {
         /// The mountpoint.
         mountpoint: PathBuf,
     },
+}
+
+/// How image files are opened; shared by mount, info and export.
+#[derive(Args, Debug, Default)]
+pub struct RuleArgs {
+    /// Read images even while a writer (a running VM, qemu-img, qemu-nbd)
+    /// holds them, and take no image locks: the active view may change
+    /// under the mount (see the man page).
+    #[arg(long)]
+    pub force_share: bool,
+    /// Open backing, data and parent files named inside an image even when
+    /// the image's owner could not read them.
+    #[arg(long)]
+    pub trust_backing: bool,
+}
+
+impl RuleArgs {
+    pub fn rules(&self) -> snapmount::io::OpenRules {
+        snapmount::io::OpenRules { force_share: self.force_share, trust_backing: self.trust_backing }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -99,8 +123,11 @@ pub struct MountArgs {
     /// Permission bits to mask off (octal, e.g. 027).
     #[arg(long, value_name = "OCTAL", value_parser = parse_umask)]
     pub umask: Option<u16>,
+    #[command(flatten)]
+    pub rules: RuleArgs,
     /// Mount options as mount(8) passes them: allow_other, uid=, gid=,
-    /// umask=, cache_size=, password_file=, log_file=, threads=.
+    /// umask=, cache_size=, password_file=, log_file=, threads=,
+    /// force_share, trust_backing.
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
 }
@@ -147,6 +174,8 @@ impl MountArgs {
                         Some(need(value)?.parse().map_err(|_| anyhow::anyhow!("bad thread count in '{opt}'"))?)
                 }
                 "foreground" => self.foreground = true,
+                "force_share" => self.rules.force_share = true,
+                "trust_backing" => self.rules.trust_backing = true,
                 "rw" => tracing::warn!("snapmount mounts are read-only; ignoring 'rw'"),
                 // Generic options mount(8) and fstab use; nothing to do here.
                 "ro"
@@ -187,9 +216,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             daemon::mount(args)
         }
         Command::Umount { mountpoint } => umount::umount(&mountpoint),
-        Command::Info { image, json, password_file } => info::info(&image, json, password_file.as_ref()),
-        Command::Export { source, output, password_file, cache_size } => {
-            export::export(&source, &output, password_file.as_ref(), cache_size)
+        Command::Info { image, json, password_file, rules } => {
+            info::info(&image, json, password_file.as_ref(), &rules.rules())
+        }
+        Command::Export { source, output, password_file, cache_size, rules } => {
+            export::export(&source, &output, password_file.as_ref(), cache_size, &rules.rules())
         }
     }
 }

@@ -11,7 +11,7 @@ use tracing::warn;
 
 use crate::cache::BlockCache;
 use crate::error::{Error, Result};
-use crate::io::FileSource;
+use crate::io::{FileSource, OpenRules};
 use crate::view::{RawView, View};
 
 use qcow2::{Backing, Header, Qcow2Image};
@@ -47,12 +47,19 @@ pub fn probe(file: &FileSource) -> Result<Option<Format>> {
 }
 
 /// Opens a qcow2 image and, recursively, its backing chain.
-pub fn open_qcow2(path: &Path, cache: &Arc<BlockCache>) -> Result<Arc<Qcow2Image>> {
-    open_qcow2_in_chain(path, cache, &mut Vec::new())
+pub fn open_qcow2(path: &Path, cache: &Arc<BlockCache>, rules: &OpenRules) -> Result<Arc<Qcow2Image>> {
+    let file = FileSource::open_image(path, rules)?;
+    open_qcow2_in_chain(file, cache, rules, &mut Vec::new())
 }
 
-fn open_qcow2_in_chain(path: &Path, cache: &Arc<BlockCache>, chain: &mut Vec<PathBuf>) -> Result<Arc<Qcow2Image>> {
-    let file = Arc::new(FileSource::open(path)?);
+fn open_qcow2_in_chain(
+    file: FileSource,
+    cache: &Arc<BlockCache>,
+    rules: &OpenRules,
+    chain: &mut Vec<PathBuf>,
+) -> Result<Arc<Qcow2Image>> {
+    let file = Arc::new(file);
+    let path = &file.path().to_path_buf();
     let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
     if chain.contains(&canonical) {
         return Err(Error::open(path, "backing chain loops back to this image"));
@@ -79,7 +86,7 @@ fn open_qcow2_in_chain(path: &Path, cache: &Arc<BlockCache>, chain: &mut Vec<Pat
         _ => None,
     };
     let backing = match header.backing_file.clone() {
-        Some(name) => Some(open_backing(path, &name, header.backing_format.as_deref(), cache, chain)?),
+        Some(name) => Some(open_backing(&file, &name, header.backing_format.as_deref(), cache, rules, chain)?),
         None => None,
     };
     Ok(Arc::new(Qcow2Image::new(file, header, data, backing, cache.clone())?))
@@ -99,14 +106,16 @@ fn read_header(file: &FileSource) -> Result<Header> {
 }
 
 fn open_backing(
-    image: &Path,
+    referrer: &FileSource,
     name: &str,
     format: Option<&str>,
     cache: &Arc<BlockCache>,
+    rules: &OpenRules,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Backing> {
+    let image = referrer.path();
     let path = resolve_name(image, name, "backing file")?;
-    let file = FileSource::open(&path).map_err(|e| {
+    let file = FileSource::open_named(referrer, &path, rules).map_err(|e| {
         let reason = match &e {
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "not found".to_string(),
             other => other.to_string(),
@@ -135,8 +144,7 @@ fn open_backing(
         let view: Arc<dyn View> = Arc::new(RawView::new(file.clone()));
         return Ok(Backing { name: name.to_string(), path, format, view, file, image: None });
     }
-    drop(file);
-    let img = open_qcow2_in_chain(&path, cache, chain)?;
+    let img = open_qcow2_in_chain(file, cache, rules, chain)?;
     let view: Arc<dyn View> = Arc::new(img.active_view());
     let file = img.file().clone();
     Ok(Backing { name: name.to_string(), path, format, view, file, image: Some(img) })

@@ -10,7 +10,7 @@ use zstd::zstd_safe::DDict;
 
 use crate::cache::{block_mut, new_block, BlockCache, BlockKey, BlockKind};
 use crate::error::{Error, Result};
-use crate::io::{with_scratch, FileSource};
+use crate::io::{access, with_scratch, FileSource, OpenRules};
 use crate::view::{Extent, View};
 
 use super::codec::{self, Key, MAX_BLOCK};
@@ -468,19 +468,33 @@ impl View for StreamView {
 
 /// Opens an archive and its parents. `passwords` is asked for each
 /// encrypted archive met.
-pub fn open_hexz(path: &Path, cache: &Arc<BlockCache>, passwords: PasswordSource) -> Result<Arc<HexzArchive>> {
-    let mut opened = Vec::new();
-    open_in_chain(path, cache, passwords, &mut Vec::new(), &mut opened)
-}
-
-fn open_in_chain(
+pub fn open_hexz(
     path: &Path,
     cache: &Arc<BlockCache>,
     passwords: PasswordSource,
+    rules: &OpenRules,
+) -> Result<Arc<HexzArchive>> {
+    let mut opened = Vec::new();
+    open_in_chain(path, None, cache, passwords, rules, &mut Vec::new(), &mut opened)
+}
+
+/// Opens the archive at `path`, named as a parent inside `child` (or given
+/// by the user when `child` is `None`).
+fn open_in_chain(
+    path: &Path,
+    child: Option<&FileSource>,
+    cache: &Arc<BlockCache>,
+    passwords: PasswordSource,
+    rules: &OpenRules,
     chain: &mut Vec<PathBuf>,
     opened: &mut Vec<(PathBuf, Arc<HexzArchive>)>,
 ) -> Result<Arc<HexzArchive>> {
     let bad = |msg: String| Error::open(path, msg);
+    // Checked before the shared-parent shortcut below: each child that
+    // names a parent must be allowed to.
+    if let (Some(child), false) = (child, rules.trust_backing) {
+        access::check_readable_by(child, path)?;
+    }
     let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
     if chain.contains(&canonical) {
         return Err(bad("parent chain loops back to this archive".into()));
@@ -492,7 +506,7 @@ fn open_in_chain(
     if opened.len() >= MAX_CHAIN {
         return Err(bad(format!("parent chain of more than {MAX_CHAIN} archives")));
     }
-    let file = Arc::new(FileSource::open(path)?);
+    let file = Arc::new(FileSource::open_image(path, rules)?);
     let mut block = vec![0u8; HEADER_SIZE];
     file.read_at(&mut block, 0)?;
     if block[0..4] != MAGIC {
@@ -530,7 +544,7 @@ fn open_in_chain(
     let mut parents = Vec::new();
     for name in &header.parent_paths {
         let parent_path = resolve_parent_path(path, name)?;
-        let parent = open_in_chain(&parent_path, cache, passwords, chain, opened)?;
+        let parent = open_in_chain(&parent_path, Some(&file), cache, passwords, rules, chain, opened)?;
         parents.push((name.clone(), parent));
     }
     chain.pop();
