@@ -6,9 +6,9 @@
 #   e2fsprogs   mkfs.ext4 (-d) to put real filesystems into test images
 #   util-linux  mount / losetup / partx for loop mounts of the served disks
 #   fdisk       sfdisk, to write a partition table into a test disk
-# The HEXZ tests read committed fixtures made by hexz-cli 0.8.2
-# (tests/fixtures/make-hexz.sh); with hexz 0.8.2 on PATH, more tests pack
-# fresh archives with it too.
+# and builds the HEXZ oracle, hexz-cli 0.8.2, into target/tools (once, a few
+# minutes): the tests pack fresh archives with it (tests/common: hexz_bin),
+# beside the committed fixtures it made (tests/fixtures/make-hexz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +35,13 @@ fi
 command -v cargo >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
 
 export PATH="$PATH:$HOME/.cargo/bin"
+
+export SNAPMOUNT_HEXZ="$PWD/target/tools/bin/hexz"
+if ! "$SNAPMOUNT_HEXZ" --version 2>/dev/null | grep -qx 'hexz 0\.8\.2'; then
+    echo "building hexz-cli 0.8.2 into target/tools (the HEXZ oracle; once)"
+    cargo install hexz-cli --version 0.8.2 --locked --quiet --root target/tools \
+        --no-default-features --features compression-zstd,encryption,signing
+fi
 
 cargo fmt --check
 cargo clippy --release --all-targets -- -D warnings

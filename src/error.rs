@@ -15,9 +15,11 @@ pub enum Error {
     #[error("{}: {msg}", path.display())]
     Open { path: PathBuf, msg: String },
 
-    /// An I/O error from the operating system while reading `path`.
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    /// An I/O error from the operating system while reading `path`. (Not a
+    /// `source` field: the message already says it, and a chained report
+    /// would say it twice.)
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: io::Error },
 
     /// Metadata met while serving a read does not make sense. The read that met
     /// it fails (EIO over FUSE); everything else keeps working.
@@ -31,7 +33,7 @@ impl Error {
     }
 
     pub fn io(path: &Path, source: io::Error) -> Self {
-        Error::Io { path: path.to_path_buf(), source }
+        Error::Io { path: path.to_path_buf(), err: source }
     }
 
     pub fn corrupt(path: &Path, offset: u64, msg: impl Into<String>) -> Self {
@@ -41,7 +43,7 @@ impl Error {
     /// The errno a FUSE reply should carry for this error.
     pub fn errno(&self) -> i32 {
         match self {
-            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Io { err, .. } => err.raw_os_error().unwrap_or(libc::EIO),
             _ => libc::EIO,
         }
     }

@@ -25,11 +25,12 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 /// Largest read the kernel is asked to send (max_pages 256 with 4 KiB pages).
 pub const MAX_READ: u32 = 1 << 20;
 
-/// Who owns the files and which permission bits are masked off.
-#[derive(Clone, Copy, Debug)]
+/// What the command line overrides of the files' owner, group and
+/// permission bits (by default, those of the image each file comes from).
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Ownership {
-    pub uid: u32,
-    pub gid: u32,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
     pub umask: u16,
 }
 
@@ -56,8 +57,8 @@ impl SnapFs {
             kind: if dir { FileType::Directory } else { FileType::RegularFile },
             perm: node.perm & !self.owner.umask,
             nlink: if dir { 2 } else { 1 },
-            uid: self.owner.uid,
-            gid: self.owner.gid,
+            uid: self.owner.uid.unwrap_or(node.uid),
+            gid: self.owner.gid.unwrap_or(node.gid),
             rdev: 0,
             blksize: 128 << 10,
             flags: 0,

@@ -112,14 +112,28 @@ impl FileSource {
         Ok(source)
     }
 
-    /// Opens `path`, which the image `referrer` names inside itself (a
-    /// backing file, external data file or parent archive): only if the
-    /// owner of `referrer` could read it, unless `rules.trust_backing`.
-    pub fn open_named(referrer: &FileSource, path: &Path, rules: &OpenRules) -> Result<Self> {
-        if !rules.trust_backing {
-            access::check_readable_by(referrer, path)?;
+    /// Opens `path`, the file that the image `referrer` names `name` inside
+    /// itself (`what`: "backing file", "external data file", ...): only if
+    /// the owner of `referrer` could read it (see `access`), unless
+    /// `rules.trust_backing`. A refusal names both files and the way out.
+    pub fn open_named(referrer: &FileSource, name: &str, path: &Path, what: &str, rules: &OpenRules) -> Result<Self> {
+        if rules.trust_backing {
+            return FileSource::open_image(path, rules);
         }
-        FileSource::open_image(path, rules)
+        let checked = check_named(referrer, name, path, what)?;
+        let source = FileSource::open_image(path, rules)?;
+        if let Some(id) = checked {
+            if source.id != id {
+                return Err(Error::open(
+                    referrer.path(),
+                    format!(
+                        "{what} '{name}'{} changed while it was being checked",
+                        crate::format::resolved(name, path)
+                    ),
+                ));
+            }
+        }
+        Ok(source)
     }
 
     /// Owner and group of the file.
@@ -202,6 +216,29 @@ impl FileSource {
                 libc::POSIX_FADV_WILLNEED,
             );
         }
+    }
+}
+
+/// The access check of `open_named`: `Some(identity)` of the file the
+/// referrer's owner may read, `None` when the referrer is root's (it may
+/// name anything).
+pub fn check_named(referrer: &FileSource, name: &str, path: &Path, what: &str) -> Result<Option<FileId>> {
+    let (uid, gid) = referrer.owner();
+    if uid == 0 {
+        return Ok(None);
+    }
+    let absolute = std::path::absolute(path).map_err(|e| Error::io(path, e))?;
+    match access::readable_as(uid, gid, &absolute) {
+        Ok((_, id)) => Ok(Some(id)),
+        Err(access::Denied::NotFound(_)) => Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound))),
+        Err(denied) => Err(Error::open(
+            referrer.path(),
+            format!(
+                "{what} '{name}'{} is refused: the image's owner (uid {uid}, gid {gid}) could not read it \
+                 ({denied}); --trust-backing opens it anyway",
+                crate::format::resolved(name, path)
+            ),
+        )),
     }
 }
 

@@ -13,8 +13,20 @@ use snapmount::format::hexz::{open_hexz, Stream};
 use snapmount::format::open_qcow2;
 use snapmount::view::{self, View};
 
+mod common;
+
+/// Runs a bash script in `dir`, with the HEXZ oracle (hexz-cli 0.8.2 from
+/// `common::hexz_bin`) first on its PATH.
 fn sh(dir: &Path, script: &str) {
-    let ok = Command::new("bash").args(["-euo", "pipefail", "-c", script]).current_dir(dir).status().unwrap();
+    let mut path = std::ffi::OsString::from(common::hexz_bin().parent().unwrap());
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    let ok = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .current_dir(dir)
+        .env("PATH", path)
+        .status()
+        .unwrap();
     assert!(ok.success(), "script failed: {script}");
 }
 
@@ -91,6 +103,7 @@ fn damaged_images_never_panic_or_hang() {
         q -c 'write -c -P 0x55 0 16k' -c 'write -P 0x56 64k 4k' v2.qcow2
         qemu-img snapshot -c v2s v2.qcow2
     "#,
+        false,
     );
     let originals: Vec<PathBuf> = ["zstd.qcow2", "ext.qcow2", "v2.qcow2"].iter().map(|n| dir.join(n)).collect();
     damage_and_read(&originals, dir, exercise, &["base.qcow2"]);
@@ -185,6 +198,7 @@ fn damaged_hexz_archives_never_panic_or_hang() {
         mkdir tree; cp rnd.bin tree/a; head -c 5000 disk.raw > tree/memory
         hexz pack -s tree tree.hxz
     "#,
+        true,
     );
     let originals: Vec<PathBuf> = ["lz4.hxz", "zstd.hxz", "thin.hxz", "tree.hxz"].iter().map(|n| dir.join(n)).collect();
     damage_and_read(&originals, dir, exercise_hexz, &["lz4.hxz"]);

@@ -3,9 +3,9 @@
 //! `hexz extract` where hexz itself reads correctly (it does not for chains of
 //! three or more archives).
 //!
-//! These need `hexz` 0.8.2 on PATH (`tests/fixtures/make-hexz.sh` installs
-//! it). Without it they say so and do nothing: the committed fixtures
-//! (tests/mount_hexz_fixtures.rs) cover the same cases without hexz.
+//! These run hexz-cli 0.8.2 as `scripts/test.sh` installs it under
+//! `target/tools` (`common::hexz_bin`), and fail without it. The committed
+//! fixtures (tests/mount_hexz_fixtures.rs) cover the same cases too.
 
 mod common;
 
@@ -17,31 +17,20 @@ use std::time::Duration;
 use common::*;
 
 fn hexz(dir: &Path, args: &[&str]) -> String {
-    let o = exec("hexz", args, Some(dir), DEFAULT_TIMEOUT);
-    assert!(o.success(), "hexz failed (is hexz-cli 0.8.2 installed? scripts/test.sh installs it)\n{}", o.describe());
+    let hexz = hexz_bin();
+    let o = exec(hexz.to_str().unwrap(), args, Some(dir), DEFAULT_TIMEOUT);
+    assert!(o.success(), "hexz failed\n{}", o.describe());
     o.stdout
 }
 
 fn hexz_env(dir: &Path, env: &[(&str, &str)], args: &[&str]) {
-    let mut c = std::process::Command::new("hexz");
+    let mut c = std::process::Command::new(hexz_bin());
     c.args(args).current_dir(dir).stdin(std::process::Stdio::null());
     for (k, v) in env {
         c.env(k, v);
     }
     let out = c.output().expect("hexz runs");
     assert!(out.status.success(), "hexz {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Whether hexz 0.8.2 can be run; says so on stderr when not.
-fn have_hexz() -> bool {
-    let ok = std::process::Command::new("hexz")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "hexz 0.8.2");
-    if !ok {
-        eprintln!("hexz 0.8.2 is not installed: live-pack test not run (tests/fixtures/make-hexz.sh installs it)");
-    }
-    ok
 }
 
 fn scratch() -> (tempfile::TempDir, PathBuf) {
@@ -63,9 +52,6 @@ fn disk_image(path: &Path, len: u64, seed: u64) {
 
 #[test]
 fn lz4_and_zstd_parallel_and_serial_packs() {
-    if !have_hexz() {
-        return;
-    }
     let (tmp, dir) = scratch();
     disk_image(&dir.join("src.raw"), 24 * MIB + 12345, 1);
     hexz(&dir, &["pack", "-s", "src.raw", "lz4.hxz"]);
@@ -94,9 +80,6 @@ fn lz4_and_zstd_parallel_and_serial_packs() {
 
 #[test]
 fn directory_pack_shows_its_files_and_the_auxiliary_stream() {
-    if !have_hexz() {
-        return;
-    }
     let (tmp, dir) = scratch();
     let src = dir.join("tree");
     std::fs::create_dir_all(src.join("sub/deeper")).unwrap();
@@ -132,9 +115,6 @@ fn directory_pack_shows_its_files_and_the_auxiliary_stream() {
 
 #[test]
 fn thin_chains_resolve_through_every_level() {
-    if !have_hexz() {
-        return;
-    }
     let (tmp, dir) = scratch();
     let base = dir.join("base.raw");
     disk_image(&base, 6 * MIB, 7);
@@ -169,9 +149,6 @@ fn thin_chains_resolve_through_every_level() {
 
 #[test]
 fn encrypted_archives_need_the_right_password() {
-    if !have_hexz() {
-        return;
-    }
     let (tmp, dir) = scratch();
     disk_image(&dir.join("src.raw"), 3 * MIB, 21);
     hexz_env(&dir, &[("HEXZ_PASSWORD", "correct horse")], &["pack", "-s", "src.raw", "enc.hxz", "--encrypt"]);
@@ -210,9 +187,6 @@ fn encrypted_archives_need_the_right_password() {
 
 #[test]
 fn a_damaged_block_fails_only_its_own_reads() {
-    if !have_hexz() {
-        return;
-    }
     let (tmp, dir) = scratch();
     disk_image(&dir.join("src.raw"), 4 * MIB, 5);
     hexz(&dir, &["pack", "-s", "src.raw", "bad.hxz", "--workers", "1"]);
@@ -248,9 +222,6 @@ fn mount_fails(tmp: &Path, src: &Path, words: &[&str]) {
 
 #[test]
 fn refusals_name_the_archive_and_the_reason() {
-    if !have_hexz() {
-        return;
-    }
     let (tmp, dir) = scratch();
     disk_image(&dir.join("src.raw"), MIB, 9);
     hexz(&dir, &["pack", "-s", "src.raw", "base.hxz"]);
@@ -319,9 +290,6 @@ fn legacy_archive() -> Vec<u8> {
 
 #[test]
 fn tar_conversions_read_their_declared_size() {
-    if !have_hexz() {
-        return;
-    }
     let (tmp, dir) = scratch();
     let t = dir.join("t");
     std::fs::create_dir_all(&t).unwrap();

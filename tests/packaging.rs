@@ -27,7 +27,18 @@ fn the_man_page_lists_every_command_and_option() {
             }
         }
     }
-    for opt in ["allow_other", "uid=", "gid=", "umask=", "cache_size=", "password_file=", "log_file=", "threads=", "force_share", "trust_backing"] {
+    for opt in [
+        "allow_other",
+        "uid=",
+        "gid=",
+        "umask=",
+        "cache_size=",
+        "password_file=",
+        "log_file=",
+        "threads=",
+        "force_share",
+        "trust_backing",
+    ] {
         assert!(man.contains(opt), "man page lacks the -o option {opt}");
     }
 }

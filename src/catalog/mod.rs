@@ -11,6 +11,7 @@
 
 mod info;
 pub mod names;
+mod perm;
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -27,6 +28,8 @@ use crate::format::qcow2::{Backing, Qcow2Image};
 use crate::format::{self, Format};
 use crate::io::{FileSource, OpenRules};
 use crate::view::{self, SliceView, View};
+
+use perm::Access;
 
 pub use info::rfc3339;
 
@@ -60,6 +63,9 @@ pub struct Node {
     pub content: Content,
     /// Permission bits (read-only: never any write bit).
     pub perm: u16,
+    /// Owner and group: those of the image file the node comes from.
+    pub uid: u32,
+    pub gid: u32,
     pub atime: SystemTime,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
@@ -198,9 +204,14 @@ impl Catalog {
     fn add(&mut self, parent: Ino, name: Option<&str>, content: Content, times: Times) -> Ino {
         let ino = self.nodes.len() as Ino + 1;
         let perm = if matches!(content, Content::Dir(_)) { 0o555 } else { 0o444 };
+        // SAFETY: plain getters. The root directory belongs to whoever
+        // mounts; an image's nodes get its owner in `add_image`.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         self.nodes.push(Node {
             parent: if parent == 0 { ino } else { parent },
             perm,
+            uid,
+            gid,
             content,
             atime: times.0,
             mtime: times.1,
@@ -239,9 +250,12 @@ impl Catalog {
         passwords: PasswordSource,
         rules: &OpenRules,
     ) -> Result<()> {
+        let first = self.nodes.len();
+        let access;
         match fmt {
             Format::Qcow2 => {
                 let image = format::open_qcow2(path, cache, rules)?;
+                access = qcow2_access(&image);
                 let name = self.unique_root_name(path);
                 let times = image.file().times();
                 let dir = self.dir(ROOT, &name, times);
@@ -249,6 +263,7 @@ impl Catalog {
             }
             Format::Hexz => {
                 let archive = hexz::open_hexz(path, cache, passwords, rules)?;
+                access = hexz_access(&archive);
                 let name = self.unique_root_name(path);
                 let times = archive.file().times();
                 let dir = self.dir(ROOT, &name, times);
@@ -265,6 +280,12 @@ impl Catalog {
                     }
                 }
             }
+        }
+        // Everything this image added takes its owner and read bits.
+        for node in &mut self.nodes[first..] {
+            node.uid = access.uid;
+            node.gid = access.gid;
+            node.perm = access.narrow(node.perm);
         }
         Ok(())
     }
@@ -358,6 +379,25 @@ impl Catalog {
             }
         }
     }
+}
+
+/// Who may read an image's nodes: see `perm`.
+fn qcow2_access(image: &Qcow2Image) -> Access {
+    let mut others: Vec<&FileSource> = image.own_files().into_iter().skip(1).map(|f| f.as_ref()).collect();
+    let mut link = image.backing();
+    while let Some(b) = link {
+        match &b.image {
+            Some(img) => others.extend(img.own_files().into_iter().map(|f| f.as_ref())),
+            None => others.push(&b.file),
+        }
+        link = b.image.as_ref().and_then(|i| i.backing());
+    }
+    Access::of(image.file(), others)
+}
+
+fn hexz_access(archive: &Arc<HexzArchive>) -> Access {
+    let ancestors = hexz_ancestors(archive);
+    Access::of(archive.file(), ancestors.iter().map(|a| a.file().as_ref()))
 }
 
 /// The directory entry name of each of an image's snapshots, in table order.

@@ -50,10 +50,7 @@ pub fn mount(args: MountArgs) -> Result<()> {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     config.n_threads = Some(args.threads.unwrap_or((2 * cpus).clamp(4, 16)).max(1));
     config.clone_fd = true;
-    // SAFETY: plain getters.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let owner =
-        Ownership { uid: args.uid.unwrap_or(uid), gid: args.gid.unwrap_or(gid), umask: args.umask.unwrap_or(0) };
+    let owner = Ownership { uid: args.uid, gid: args.gid, umask: args.umask.unwrap_or(0) };
     let fs = SnapFs::new(catalog, owner);
 
     if args.foreground {

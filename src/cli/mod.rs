@@ -114,10 +114,10 @@ pub struct MountArgs {
     /// More detail in the log (-vv for even more).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
-    /// Owner of the files (default: the user who mounts).
+    /// Owner of the files (default: the owner of the image each comes from).
     #[arg(long, value_name = "UID")]
     pub uid: Option<u32>,
-    /// Group of the files (default: the user's group).
+    /// Group of the files (default: the group of the image each comes from).
     #[arg(long, value_name = "GID")]
     pub gid: Option<u32>,
     /// Permission bits to mask off (octal, e.g. 027).

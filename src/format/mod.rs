@@ -79,8 +79,9 @@ fn open_qcow2_in_chain(
     let data = match &header.data_file {
         Some(name) if header.has_data_file() => {
             let data_path = resolve_name(path, name, "external data file")?;
-            let data = FileSource::open(&data_path)
-                .map_err(|e| Error::open(path, format!("external data file '{name}' cannot be opened: {e}")))?;
+            let what = "external data file";
+            let data = FileSource::open_named(&file, name, &data_path, what, rules)
+                .map_err(|e| named_open_error(path, name, &data_path, what, e))?;
             Some(Arc::new(data))
         }
         _ => None,
@@ -90,6 +91,26 @@ fn open_qcow2_in_chain(
         None => None,
     };
     Ok(Arc::new(Qcow2Image::new(file, header, data, backing, cache.clone())?))
+}
+
+/// ` (PATH)` when the name inside an image resolved to another path.
+pub fn resolved(name: &str, path: &Path) -> String {
+    if Path::new(name) == path {
+        String::new()
+    } else {
+        format!(" ({})", path.display())
+    }
+}
+
+/// The one-line error for a file named inside `image` that could not be
+/// opened; refusals (already naming both files) pass through.
+fn named_open_error(image: &Path, name: &str, path: &Path, what: &str, e: Error) -> Error {
+    let reason = match e {
+        Error::Open { .. } | Error::Corrupt { .. } => return e,
+        Error::Io { err, .. } if err.kind() == std::io::ErrorKind::NotFound => "not found".to_string(),
+        Error::Io { err, .. } => err.to_string(),
+    };
+    Error::open(image, format!("{what} '{name}'{}: {reason}", resolved(name, path)))
 }
 
 fn read_header(file: &FileSource) -> Result<Header> {
@@ -115,13 +136,8 @@ fn open_backing(
 ) -> Result<Backing> {
     let image = referrer.path();
     let path = resolve_name(image, name, "backing file")?;
-    let file = FileSource::open_named(referrer, &path, rules).map_err(|e| {
-        let reason = match &e {
-            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "not found".to_string(),
-            other => other.to_string(),
-        };
-        Error::open(image, format!("backing file '{name}' ({}): {reason}", path.display()))
-    })?;
+    let file = FileSource::open_named(referrer, name, &path, "backing file", rules)
+        .map_err(|e| named_open_error(image, name, &path, "backing file", e))?;
     let format = match format {
         Some("qcow2") => "qcow2",
         Some("raw") => "raw",

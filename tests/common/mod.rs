@@ -64,6 +64,28 @@ pub fn preflight() {
     }
 }
 
+/// The HEXZ oracle: hexz-cli 0.8.2 as `scripts/test.sh` installs it, under
+/// `target/tools` (or `$SNAPMOUNT_HEXZ`). Never taken from PATH, so a copy
+/// installed by hand on one machine cannot decide what the tests do. Panics
+/// (never skips) when it is missing or another version.
+pub fn hexz_bin() -> PathBuf {
+    let path = std::env::var_os("SNAPMOUNT_HEXZ")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin/hexz"));
+    let version = Command::new(&path).arg("--version").output();
+    match version {
+        Ok(o) if String::from_utf8_lossy(&o.stdout).trim() == "hexz 0.8.2" => path,
+        Ok(o) => panic!(
+            "{} is not hexz 0.8.2 ({}); scripts/test.sh installs the right one",
+            path.display(),
+            String::from_utf8_lossy(&o.stdout).trim()
+        ),
+        Err(e) => {
+            panic!("hexz-cli 0.8.2 not found at {} ({e}); run scripts/test.sh, which installs it", path.display())
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Running commands
 // ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ use zstd::zstd_safe::DDict;
 
 use crate::cache::{block_mut, new_block, BlockCache, BlockKey, BlockKind};
 use crate::error::{Error, Result};
-use crate::io::{access, with_scratch, FileSource, OpenRules};
+use crate::io::{check_named, with_scratch, FileSource, OpenRules};
 use crate::view::{Extent, View};
 
 use super::codec::{self, Key, MAX_BLOCK};
@@ -478,11 +478,11 @@ pub fn open_hexz(
     open_in_chain(path, None, cache, passwords, rules, &mut Vec::new(), &mut opened)
 }
 
-/// Opens the archive at `path`, named as a parent inside `child` (or given
-/// by the user when `child` is `None`).
+/// Opens the archive at `path`, named (as the second item) as a parent
+/// inside `child`, or given by the user when `child` is `None`.
 fn open_in_chain(
     path: &Path,
-    child: Option<&FileSource>,
+    child: Option<(&FileSource, &str)>,
     cache: &Arc<BlockCache>,
     passwords: PasswordSource,
     rules: &OpenRules,
@@ -492,8 +492,8 @@ fn open_in_chain(
     let bad = |msg: String| Error::open(path, msg);
     // Checked before the shared-parent shortcut below: each child that
     // names a parent must be allowed to.
-    if let (Some(child), false) = (child, rules.trust_backing) {
-        access::check_readable_by(child, path)?;
+    if let (Some((child, name)), false) = (child, rules.trust_backing) {
+        check_named(child, name, path, "parent archive")?;
     }
     let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
     if chain.contains(&canonical) {
@@ -544,7 +544,7 @@ fn open_in_chain(
     let mut parents = Vec::new();
     for name in &header.parent_paths {
         let parent_path = resolve_parent_path(path, name)?;
-        let parent = open_in_chain(&parent_path, Some(&file), cache, passwords, rules, chain, opened)?;
+        let parent = open_in_chain(&parent_path, Some((&file, name)), cache, passwords, rules, chain, opened)?;
         parents.push((name.clone(), parent));
     }
     chain.pop();

@@ -103,6 +103,16 @@ impl Qcow2Image {
         &self.snapshots
     }
 
+    /// Every file this image reads by itself: the image, and its external
+    /// data file when it has one (not the backing chain).
+    pub fn own_files(&self) -> Vec<&Arc<FileSource>> {
+        if self.header.has_data_file() {
+            vec![&self.file, &self.data]
+        } else {
+            vec![&self.file]
+        }
+    }
+
     pub fn data_file(&self) -> Option<&Path> {
         self.header.has_data_file().then(|| self.data.path())
     }
