@@ -15,11 +15,14 @@ use snapmount::view::{self, View};
 
 mod common;
 
-/// Runs a bash script in `dir`, with the HEXZ oracle (hexz-cli 0.8.2 from
-/// `common::hexz_bin`) first on its PATH.
-fn sh(dir: &Path, script: &str) {
-    let mut path = std::ffi::OsString::from(common::hexz_bin().parent().unwrap());
-    path.push(":");
+/// Runs a bash script in `dir`; with `hexz`, the HEXZ oracle (hexz-cli 0.8.2
+/// from `common::hexz_bin`) comes first on its PATH.
+fn sh(dir: &Path, script: &str, hexz: bool) {
+    let mut path = std::ffi::OsString::new();
+    if hexz {
+        path.push(common::hexz_bin().parent().unwrap());
+        path.push(":");
+    }
     path.push(std::env::var_os("PATH").unwrap_or_default());
     let ok = Command::new("bash")
         .args(["-euo", "pipefail", "-c", script])
