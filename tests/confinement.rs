@@ -62,7 +62,7 @@ fn secret(dir: &Path) -> PathBuf {
 fn refused(extra: &[&str], source: &Path, mnt: &Path) -> String {
     std::fs::create_dir_all(mnt).unwrap();
     let mut args: Vec<&std::ffi::OsStr> = vec!["mount".as_ref(), "--allow-other".as_ref()];
-    args.extend(extra.iter().map(|e| std::ffi::OsStr::new(e)));
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
     args.push(source.as_os_str());
     args.push(mnt.as_os_str());
     let o = snapmount(&args);
