@@ -191,6 +191,21 @@ impl Filesystem for SnapFs {
         }
     }
 
+    // Nothing is ever written, so there is nothing to flush or sync: answer
+    // at once (a loop mount flushes on every close; fuser's defaults would
+    // log a warning each time).
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let blocks = self.catalog.total_bytes().div_ceil(4096);
         reply.statfs(blocks, 0, 0, self.catalog.len() as u64, 0, 4096, 255, 4096);

@@ -51,6 +51,31 @@ fn info_describes_without_mounting() {
     assert!(text.contains("hexz") && text.contains("child.hxz") && text.contains("base.hxz"), "{text}");
     let o = snapmount(&["info", "/nonexistent/x.qcow2"]);
     assert!(!o.success() && o.stderr.contains("/nonexistent/x.qcow2"), "{}", o.describe());
+    assert_eq!(o.stderr.matches("No such file").count(), 1, "the reason once: {}", o.stderr);
+}
+
+/// The mount shows as fuse.snapmount, and a loop mount, reads and an
+/// unmount leave nothing in the daemon's log a person would have to act on.
+#[test]
+fn mount_type_and_a_quiet_log() {
+    preflight();
+    let tmp = tempfile::tempdir().unwrap();
+    let ext4 = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hexz/ext4.hxz");
+    let log = tmp.path().join("daemon.log");
+    let mnt = tmp.path().join("mnt");
+    let m = Mount::with_args(&["--log-file", log.to_str().unwrap()], &[&ext4], &mnt);
+    let fstype = mounts().into_iter().find(|(mp, _, _)| Path::new(mp) == m.dir).map(|(_, t, _)| t);
+    assert_eq!(fstype.as_deref(), Some("fuse.snapmount"), "type in /proc/self/mountinfo");
+    {
+        let lm = LoopMount::new(&m.disk("ext4.hxz"), &tmp.path().join("loop"));
+        assert_eq!(std::fs::read_to_string(lm.dir.join("etc/motd")).unwrap(), "Welcome to the fixture VM\n");
+    }
+    let o = snapmount(&[OsStr::new("umount"), m.dir.as_os_str()]);
+    assert!(o.success(), "{}", o.describe());
+    assert!(wait_for(Duration::from_secs(10), || pids_mentioning(&mnt).is_empty()), "the daemon exits");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let noisy: Vec<&str> = text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+    assert!(noisy.is_empty(), "log lines with nothing to act on:\n{}", noisy.join("\n"));
 }
 
 #[test]

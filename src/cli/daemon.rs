@@ -44,7 +44,7 @@ pub fn mount(args: MountArgs) -> Result<()> {
         MountOption::NoSuid,
         MountOption::DefaultPermissions,
         MountOption::FSName(fsname(sources)),
-        MountOption::Subtype("snapmount".into()),
+        subtype(),
     ];
     config.acl = if args.allow_other { SessionACL::All } else { SessionACL::Owner };
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -106,6 +106,20 @@ pub fn mount(args: MountArgs) -> Result<()> {
                 Err(anyhow!(msg))
             }
         }
+    }
+}
+
+/// The subtype that makes the mount show as `fuse.snapmount` in mountinfo
+/// and findmnt. fuser hands `Subtype` only to fusermount3 (the path taken
+/// without root); its direct mount(2), taken as root, passes fstype "fuse"
+/// and drops it, so as root it goes to the kernel as a plain option, which
+/// the kernel's FUSE accepts.
+fn subtype() -> MountOption {
+    // SAFETY: a plain getter.
+    if unsafe { libc::geteuid() } == 0 {
+        MountOption::CUSTOM("subtype=snapmount".into())
+    } else {
+        MountOption::Subtype("snapmount".into())
     }
 }
 

@@ -18,7 +18,11 @@ pub fn init(verbose: u8) {
         1 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("{level},fuser=warn")));
+    // fuser::session warns "Failed to umount filesystem: EINVAL" whenever
+    // the session ends after `umount` (it tries again on drop): its only
+    // warning, and never one to act on.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},fuser=warn,fuser::session=error")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(LogWriter)

@@ -108,7 +108,8 @@ pub struct MountArgs {
     /// (else SNAPMOUNT_PASSWORD, else a prompt on the terminal).
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
-    /// Write the daemon's log to this file (in the background; default: no log).
+    /// Write the daemon's log to this file (in the background; default:
+    /// syslog, which journald keeps).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
     /// More detail in the log (-vv for even more).
