@@ -101,9 +101,14 @@ impl Filesystem for SnapFs {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        // The images do not change under the mount: let the page cache keep
-        // what it has across opens.
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        // Images held under QEMU's locks do not change under the mount: let
+        // the page cache keep what it has across opens. Under --force-share
+        // a view that may change is read around the page cache, so that
+        // every read reaches its change check.
+        match &node.content {
+            Content::View(v) if v.may_change() => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            _ => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+        }
     }
 
     fn read(

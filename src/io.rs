@@ -33,6 +33,13 @@ pub struct FileId {
     pub ino: u64,
 }
 
+/// What `FileSource::stamp` compares: any write changes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    len: u64,
+    mtime: (i64, i64),
+}
+
 /// A local file, read with `pread`.
 #[derive(Debug)]
 pub struct FileSource {
@@ -70,6 +77,10 @@ const NEAR: u64 = 2 << 20;
 impl FileSource {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        FileSource::from_file(file, path)
+    }
+
+    fn from_file(file: File, path: &Path) -> Result<Self> {
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         let block_device = std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type());
         if !meta.is_file() && !block_device {
@@ -136,6 +147,22 @@ impl FileSource {
         Ok(source)
     }
 
+    /// The same open file, its length and times read anew (a second
+    /// descriptor on the same open file description: it shares the locks).
+    pub fn refreshed(&self) -> Result<FileSource> {
+        let file = self.file.try_clone().map_err(|e| Error::io(&self.path, e))?;
+        FileSource::from_file(file, &self.path)
+    }
+
+    /// Size and modification time now: what changes when anyone writes to
+    /// the file. (The kernel gives a fine-grained mtime to a write that
+    /// follows a query of it, so two writes within one clock tick are told
+    /// apart from none.)
+    pub fn stamp(&self) -> Result<Stamp> {
+        let meta = self.file.metadata().map_err(|e| Error::io(&self.path, e))?;
+        Ok(Stamp { len: meta.len(), mtime: (meta.mtime(), meta.mtime_nsec()) })
+    }
+
     /// Owner and group of the file.
     pub fn owner(&self) -> (u32, u32) {
         (self.uid, self.gid)
@@ -168,7 +195,8 @@ impl FileSource {
     }
 
     /// Fills `buf` from `offset`; bytes past the end of the file read as zeros,
-    /// as QEMU's block layer does for short reads.
+    /// as QEMU's block layer does for short reads. A file that has become
+    /// shorter than it was when opened fails reads that reach the lost part.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read_ahead(offset, buf.len() as u64);
         let mut done = 0;
@@ -178,6 +206,18 @@ impl FileSource {
                 None => break,
             };
             match self.file.read_at(&mut buf[done..], pos) {
+                // Short of the length the file had when it was opened: it
+                // was truncated since. Zeros there would be a silent lie
+                // about data the image had; fail the read instead.
+                Ok(0) if pos < self.len => {
+                    return Err(Error::io(
+                        &self.path,
+                        std::io::Error::other(format!(
+                        "ends at {pos:#x}, short of the {} bytes it had when it was opened (truncated while in use?)",
+                        self.len
+                    )),
+                    ))
+                }
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

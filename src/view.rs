@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use crate::error::Result;
-use crate::io::FileSource;
+use crate::error::{Error, Result};
+use crate::io::{FileSource, Stamp};
 
 /// A run of a view's bytes that share one allocation state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +31,13 @@ pub trait View: Send + Sync {
     /// bound the work (a backing file is asked only as far as the overlay
     /// leaves it unallocated).
     fn extent(&self, offset: u64, max: u64) -> Result<Extent>;
+
+    /// Whether the files under this view may change while it is served
+    /// (`--force-share`): its reads then check for it, and the kernel must
+    /// not keep its pages, so that every read reaches the check.
+    fn may_change(&self) -> bool {
+        false
+    }
 }
 
 /// The first offset `>= from` that holds data, or `None` if none does
@@ -85,12 +92,22 @@ pub fn allocated_bytes(view: &dyn View, max_steps: u64) -> Result<Option<u64>> {
 pub struct RawView {
     source: Arc<FileSource>,
     size: u64,
+    /// With `watched`: the file's stamp when it was opened; reads fail once
+    /// it changed.
+    at_open: Option<Stamp>,
 }
 
 impl RawView {
     pub fn new(source: Arc<FileSource>) -> Self {
         let size = source.len().div_ceil(512) * 512;
-        RawView { source, size }
+        RawView { source, size, at_open: None }
+    }
+
+    /// A raw file that may change while served (`--force-share`): once it
+    /// has, its reads fail rather than mix old and new bytes.
+    pub fn watched(source: Arc<FileSource>) -> Result<Self> {
+        let at_open = Some(source.stamp()?);
+        Ok(RawView { at_open, ..RawView::new(source) })
     }
 }
 
@@ -100,11 +117,22 @@ impl View for RawView {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.source.read_at(buf, offset)
+        self.source.read_at(buf, offset)?;
+        match self.at_open {
+            Some(then) if self.source.stamp()? != then => Err(Error::open(
+                self.source.path(),
+                "changed since it was mounted with --force-share: no longer served",
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn extent(&self, offset: u64, max: u64) -> Result<Extent> {
         Ok(Extent { len: self.size.saturating_sub(offset).min(max).max(1), data: true })
+    }
+
+    fn may_change(&self) -> bool {
+        self.at_open.is_some()
     }
 }
 
@@ -158,5 +186,9 @@ impl View for SliceView {
     fn extent(&self, offset: u64, max: u64) -> Result<Extent> {
         let e = self.inner.extent(self.start + offset, max.min(self.len - offset))?;
         Ok(Extent { len: e.len.min(self.len - offset).min(max), data: e.data })
+    }
+
+    fn may_change(&self) -> bool {
+        self.inner.may_change()
     }
 }

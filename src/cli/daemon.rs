@@ -35,6 +35,12 @@ pub fn mount(args: MountArgs) -> Result<()> {
     let password_file = args.password_file.clone();
     let passwords = move |archive: &Path| super::password::password_for(password_file.as_ref(), archive);
     let catalog = Arc::new(Catalog::build(sources, &cache, &passwords, &args.rules.rules())?);
+    if args.rules.force_share {
+        tracing::warn!(
+            "--force-share: images are read without QEMU's image locks; a VM may write them while mounted: \
+             a current disk that changes fails its reads from then on (EIO), snapshots stay exact"
+        );
+    }
     tracing::debug!("{} entries ready; mounting on {}", catalog.len(), mountpoint.display());
 
     let mut config = Config::default();

@@ -90,7 +90,7 @@ fn open_qcow2_in_chain(
         Some(name) => Some(open_backing(&file, &name, header.backing_format.as_deref(), cache, rules, chain)?),
         None => None,
     };
-    Ok(Arc::new(Qcow2Image::new(file, header, data, backing, cache.clone())?))
+    Ok(Arc::new(Qcow2Image::new(file, header, data, backing, cache.clone(), rules.force_share)?))
 }
 
 /// ` (PATH)` when the name inside an image resolved to another path.
@@ -113,7 +113,7 @@ fn named_open_error(image: &Path, name: &str, path: &Path, what: &str, e: Error)
     Error::open(image, format!("{what} '{name}'{}: {reason}", resolved(name, path)))
 }
 
-fn read_header(file: &FileSource) -> Result<Header> {
+pub(crate) fn read_header(file: &FileSource) -> Result<Header> {
     let mut first = vec![0u8; 104.min(file.len() as usize)];
     file.read_at(&mut first, 0)?;
     if first.len() >= 24 && first[0..4] == qcow2::MAGIC {
@@ -157,7 +157,8 @@ fn open_backing(
     };
     if format == "raw" {
         let file = Arc::new(file);
-        let view: Arc<dyn View> = Arc::new(RawView::new(file.clone()));
+        let view: Arc<dyn View> =
+            Arc::new(if rules.force_share { RawView::watched(file.clone())? } else { RawView::new(file.clone()) });
         return Ok(Backing { name: name.to_string(), path, format, view, file, image: None });
     }
     let img = open_qcow2_in_chain(file, cache, rules, chain)?;

@@ -13,6 +13,7 @@ use super::decompress::decompress;
 use super::header::Header;
 use super::l2::{self, Geometry, Mapping};
 use super::snapshot::{self, Snapshot};
+use super::watch::Watch;
 
 /// Files larger than this cannot be described to the kernel (offsets are
 /// signed 64-bit); hostile sizes are clipped to it.
@@ -49,6 +50,8 @@ pub struct Qcow2Image {
     /// Snapshot L1 tables are read on a view's first use and kept in the block
     /// cache, so that thousands of snapshots cannot pin unbounded memory.
     snapshots: Vec<Snapshot>,
+    /// Set under `--force-share`: the image may change while served.
+    watch: Option<Watch>,
 }
 
 impl Qcow2Image {
@@ -60,6 +63,7 @@ impl Qcow2Image {
         data: Option<Arc<FileSource>>,
         backing: Option<Backing>,
         cache: Arc<BlockCache>,
+        may_change: bool,
     ) -> Result<Self> {
         let path = file.path().to_path_buf();
         let geo = Geometry {
@@ -70,7 +74,12 @@ impl Qcow2Image {
         };
         let active_l1 = read_l1(&file, header.l1_table_offset, header.l1_size)?.into();
         let snapshots = snapshot::read_table(&path, &file, &header)?;
+        let watch = match may_change {
+            true => Some(Watch::new(&file, data.as_deref(), snapshots.len())?),
+            false => None,
+        };
         Ok(Qcow2Image {
+            watch,
             data: data.unwrap_or_else(|| file.clone()),
             path,
             file,
@@ -165,6 +174,20 @@ impl Qcow2Image {
                 };
                 self.cache.get_or_load(key, || read_l1(&self.file, s.l1_table_offset, s.l1_size).map(Arc::from))
             }
+        }
+    }
+
+    /// After a read through `table`: fails it when, under `--force-share`,
+    /// the image changed in a way that makes what was read untrustworthy
+    /// (see `watch`).
+    fn still_served(&self, table: Table) -> Result<()> {
+        let Some(watch) = &self.watch else { return Ok(()) };
+        match table {
+            Table::Active => {
+                let files: &[&FileSource] = &[&self.file, &self.data];
+                watch.check_active(&self.path, &files[..if self.header.has_data_file() { 2 } else { 1 }])
+            }
+            Table::Snapshot(i) => watch.check_snapshot(&self.file, &self.snapshots, i),
         }
     }
 
@@ -377,7 +400,7 @@ impl View for Qcow2View {
         if let Some((p, start)) = pending {
             self.flush(&p, &mut buf[start..n], self.base + offset + start as u64)?;
         }
-        Ok(())
+        self.image.still_served(self.table)
     }
 
     fn extent(&self, offset: u64, max: u64) -> Result<Extent> {
@@ -401,7 +424,7 @@ impl View for Qcow2View {
             }
             len = len.saturating_add(r).min(end - offset);
         }
-        Ok(match first {
+        let extent = match first {
             Some(data) => Extent { len, data },
             None => match self.image.backing.as_ref() {
                 // The backing file is asked only about this unallocated run.
@@ -411,6 +434,12 @@ impl View for Qcow2View {
                 }
                 _ => Extent { len, data: false },
             },
-        })
+        };
+        self.image.still_served(self.table)?;
+        Ok(extent)
+    }
+
+    fn may_change(&self) -> bool {
+        self.image.watch.is_some()
     }
 }

@@ -6,6 +6,7 @@ pub mod header;
 mod image;
 pub mod l2;
 pub mod snapshot;
+mod watch;
 
 pub use header::{Compression, Header, MAGIC};
 pub use image::{Backing, Qcow2Image, Qcow2View};

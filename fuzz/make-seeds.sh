@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Makes the fuzz corpora's seeds with the real tools, small enough to run
+# fast: qcow2 images in the shapes qemu-img 10 writes (v2 and v3, small and
+# large clusters, zlib and zstd compression, extended L2, internal
+# snapshots, backing files by relative name, an external data file) and the
+# committed HEXZ fixtures (made by hexz-cli 0.8.2). Also remakes assets/,
+# base.qcow2, one of the neighbours every input sits beside (with base.raw
+# and base.hxz), which the seeds name as backing file or parent.
+#   fuzz/make-seeds.sh          -> fuzz/corpus/{image_qcow2,image_hexz,headers}
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+q() { qemu-img "$@" >/dev/null; }
+w() { qemu-io -f qcow2 "$@" >/dev/null; }
+
+# Neighbours: a 1 MiB raw base (the same bytes src/lib.rs makes) and a
+# qcow2 base with a pattern.
+python3 -c "import sys; sys.stdout.buffer.write(bytes((i*7+i//4096)%251 for i in range(1<<20)))" > base.raw
+q create -f qcow2 -o cluster_size=4096 base.qcow2 1M
+w -c "write -P 0x11 0 256k" -c "write -P 0x22 512k 64k" base.qcow2
+
+n=0
+seed() { n=$((n+1)); cp "$1" "$here/corpus/image_qcow2/$(printf '%02d' $n)-$2"; }
+mkdir -p "$here/corpus/image_qcow2" "$here/corpus/image_hexz" "$here/corpus/headers" "$here/assets"
+
+for cl in 512 4096 65536; do
+    q create -f qcow2 -o cluster_size=$cl a.qcow2 2M
+    w -c "write -P 0x5a 0 8k" -c "write -z 64k 16k" -c "write -P 0x33 1M 4k" a.qcow2
+    seed a.qcow2 "plain-$cl"
+done
+q create -f qcow2 -o compat=0.10,cluster_size=4096 v2.qcow2 1M
+w -c "write -P 1 0 12k" v2.qcow2
+seed v2.qcow2 v2
+for c in zlib zstd; do
+    q create -f qcow2 -o cluster_size=4096,compression_type=$c c.qcow2 1M
+    w -c "write -c -P 0x41 0 4k" -c "write -c -P 0x42 8k 4k" -c "write -P 0x43 16k 4k" c.qcow2
+    seed c.qcow2 "compressed-$c"
+done
+q create -f qcow2 -o cluster_size=16384,extended_l2=on x.qcow2 1M
+w -c "write -P 7 0 2k" -c "write -z 4k 1k" -c "write -P 8 20k 3k" x.qcow2
+seed x.qcow2 extended-l2
+q create -f qcow2 -o cluster_size=4096 s.qcow2 1M
+w -c "write -P 1 0 8k" s.qcow2
+q snapshot -c first s.qcow2
+w -c "write -P 2 4k 8k" s.qcow2
+q snapshot -c second s.qcow2
+seed s.qcow2 snapshots
+q create -f qcow2 -o cluster_size=4096 -b base.qcow2 -F qcow2 o.qcow2 1M
+w -c "write -P 9 4k 4k" o.qcow2
+seed o.qcow2 overlay-qcow2
+q create -f qcow2 -o cluster_size=16384,extended_l2=on -b base.raw -F raw o.qcow2 1M
+w -c "write -P 9 6k 1k" o.qcow2
+seed o.qcow2 overlay-raw-extended
+q create -f qcow2 -o cluster_size=4096,data_file=base.raw,data_file_raw=on d.qcow2 1M
+seed d.qcow2 data-file
+
+cp base.qcow2 "$here/assets/"
+fx="$here/../tests/fixtures/hexz"
+for f in boot child grand tree tar encrypted signed; do cp "$fx/$f.hxz" "$here/corpus/image_hexz/$f.hxz"; done
+# headers: the first 4 KiB of every seed (headers and the first tables).
+for f in "$here"/corpus/image_qcow2/* "$here"/corpus/image_hexz/*; do
+    head -c 4096 "$f" > "$here/corpus/headers/$(basename "$f")"
+done
+echo "seeds: $(ls "$here"/corpus/* | wc -l) files in $here/corpus"
