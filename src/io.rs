@@ -23,6 +23,9 @@ pub struct OpenRules {
     /// Open backing, data and parent files named inside an image even when
     /// the image's owner could not read them (`--trust-backing`).
     pub trust_backing: bool,
+    /// Open to describe only (`snapmount info`): encrypted images are not
+    /// unlocked, so no password is asked.
+    pub describe_only: bool,
 }
 
 /// Identity of a file on this host: the cache keys on it, so that two paths to

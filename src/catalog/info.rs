@@ -91,6 +91,7 @@ pub fn qcow2_info(image: &Qcow2Image, snapshot_entries: &[String]) -> Value {
         "features": h.feature_list(),
         "refcount_bits": 1u64 << h.refcount_order,
         "data_file": image.data_file().map(|p| p.display().to_string()),
+        "encryption": image.encryption(),
         "backing_file": image.backing().map(|b| b.name.clone()),
         "backing_chain": chain,
         "snapshots": snapshots,

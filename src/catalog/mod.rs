@@ -254,7 +254,7 @@ impl Catalog {
         let access;
         match fmt {
             Format::Qcow2 => {
-                let image = format::open_qcow2(path, cache, rules)?;
+                let image = format::open_qcow2_with(path, cache, passwords, rules)?;
                 access = qcow2_access(&image);
                 let name = self.unique_root_name(path);
                 let times = image.file().times();

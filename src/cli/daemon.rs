@@ -32,8 +32,8 @@ pub fn mount(args: MountArgs) -> Result<()> {
 
     limit_heap_slack();
     let cache = Arc::new(BlockCache::new(args.cache_size));
-    let password_file = args.password_file.clone();
-    let passwords = move |archive: &Path| super::password::password_for(password_file.as_ref(), archive);
+    let files = super::password::PasswordFiles::from_args(&args.password_file);
+    let passwords = move |image: &Path| files.password_for(image);
     let catalog = Arc::new(Catalog::build(sources, &cache, &passwords, &args.rules.rules())?);
     if args.rules.force_share {
         tracing::warn!(

@@ -15,7 +15,7 @@ use snapmount::catalog::{Catalog, Content};
 use snapmount::io::OpenRules;
 use snapmount::view::View;
 
-use super::password::password_for;
+use super::password::PasswordFiles;
 
 const CHUNK: usize = 4 << 20;
 
@@ -71,13 +71,13 @@ fn select(catalog: &Catalog, source: &Path, snapshot: Option<&str>) -> Result<Ar
 pub fn export(
     source: &str,
     output: &Path,
-    password_file: Option<&PathBuf>,
+    password_files: &PasswordFiles,
     cache_size: u64,
     rules: &OpenRules,
 ) -> Result<()> {
     let (file, snapshot) = split_source(source);
     let cache = Arc::new(BlockCache::new(cache_size));
-    let passwords = |archive: &Path| password_for(password_file, archive);
+    let passwords = |image: &Path| password_files.password_for(image);
     let catalog = Catalog::build(std::slice::from_ref(&file), &cache, &passwords, rules)?;
     let view = select(&catalog, &file, snapshot.as_deref())?;
     let out = File::create(output).with_context(|| format!("{}: cannot create", output.display()))?;

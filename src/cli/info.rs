@@ -1,7 +1,7 @@
 //! `snapmount info IMAGE [--json]`: what the mount's info.json would say,
 //! without mounting.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Result};
@@ -11,11 +11,11 @@ use snapmount::cache::BlockCache;
 use snapmount::catalog::{rfc3339, Catalog, Content, ROOT};
 use snapmount::io::OpenRules;
 
-use super::password::password_for;
+use super::password::PasswordFiles;
 
-pub fn info(image: &Path, json: bool, password_file: Option<&PathBuf>, rules: &OpenRules) -> Result<()> {
+pub fn info(image: &Path, json: bool, password_files: &PasswordFiles, rules: &OpenRules) -> Result<()> {
     let cache = Arc::new(BlockCache::new(64 << 20));
-    let passwords = |archive: &Path| password_for(password_file, archive);
+    let passwords = |image: &Path| password_files.password_for(image);
     let catalog = Catalog::build(&[image.to_path_buf()], &cache, &passwords, rules)?;
     let dir = catalog.children(ROOT).into_iter().next().ok_or_else(|| anyhow!("{}: nothing found", image.display()))?;
     let node = catalog.resolve(&format!("{dir}/info.json")).and_then(|i| catalog.node(i));
@@ -64,6 +64,28 @@ fn human(v: &Value) -> String {
         line("features:", if features.is_empty() { "-".into() } else { features.join(", ") });
         if !v["data_file"].is_null() {
             line("data file:", s(&v["data_file"]));
+        }
+        let e = &v["encryption"];
+        match e["format"].as_str() {
+            Some("luks") => {
+                let iv = match e["ivgen_hash"].as_str() {
+                    Some(h) => format!("{}:{h}", s(&e["ivgen"])),
+                    None => s(&e["ivgen"]),
+                };
+                let slots: Vec<String> = e["key_slots_active"].as_array().into_iter().flatten().map(s).collect();
+                line(
+                    "encryption:",
+                    format!(
+                        "LUKS {}-{}-{iv}, {}, key slots {}",
+                        s(&e["cipher"]),
+                        s(&e["mode"]),
+                        s(&e["hash"]),
+                        slots.join(" ")
+                    ),
+                );
+            }
+            Some(_) => line("encryption:", "AES-128-CBC (legacy; a wrong password cannot be detected)".into()),
+            None => {}
         }
         for (i, b) in v["backing_chain"].as_array().into_iter().flatten().enumerate() {
             line(

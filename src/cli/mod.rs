@@ -36,9 +36,10 @@ pub enum Command {
         /// Print JSON (the same as the mount's info.json).
         #[arg(long)]
         json: bool,
-        /// Password file for encrypted HEXZ archives.
-        #[arg(long, value_name = "FILE")]
-        password_file: Option<PathBuf>,
+        /// Password file for encrypted images and archives (repeatable;
+        /// IMAGE= for one image of a chain).
+        #[arg(long, value_name = "[IMAGE=]FILE")]
+        password_file: Vec<String>,
         #[command(flatten)]
         rules: RuleArgs,
     },
@@ -49,9 +50,10 @@ pub enum Command {
         source: String,
         /// The raw file to write.
         output: PathBuf,
-        /// Password file for encrypted HEXZ archives.
-        #[arg(long, value_name = "FILE")]
-        password_file: Option<PathBuf>,
+        /// Password file for encrypted images and archives (repeatable;
+        /// IMAGE= for one image of a chain).
+        #[arg(long, value_name = "[IMAGE=]FILE")]
+        password_file: Vec<String>,
         /// Bound of the block cache.
         #[arg(long, value_name = "SIZE", default_value = DEFAULT_CACHE, value_parser = parse_cache_size)]
         cache_size: u64,
@@ -82,7 +84,11 @@ pub struct RuleArgs {
 
 impl RuleArgs {
     pub fn rules(&self) -> snapmount::io::OpenRules {
-        snapmount::io::OpenRules { force_share: self.force_share, trust_backing: self.trust_backing }
+        snapmount::io::OpenRules {
+            force_share: self.force_share,
+            trust_backing: self.trust_backing,
+            describe_only: false,
+        }
     }
 }
 
@@ -104,10 +110,12 @@ pub struct MountArgs {
     /// FUSE worker threads (default: 2 per CPU, at least 4).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
-    /// Read the password of encrypted HEXZ archives from this file
-    /// (else SNAPMOUNT_PASSWORD, else a prompt on the terminal).
-    #[arg(long, value_name = "FILE")]
-    pub password_file: Option<PathBuf>,
+    /// Read the password of encrypted images and archives from this file
+    /// (repeatable; with IMAGE=, only for the image of that file name or
+    /// path, e.g. one layer of a chain); else SNAPMOUNT_PASSWORD, else a
+    /// prompt on the terminal.
+    #[arg(long, value_name = "[IMAGE=]FILE")]
+    pub password_file: Vec<String>,
     /// Write the daemon's log to this file (in the background; default:
     /// syslog, which journald keeps).
     #[arg(long, value_name = "FILE")]
@@ -168,7 +176,7 @@ impl MountArgs {
                 "cache_size" | "cache-size" => {
                     self.cache_size = parse_cache_size(&need(value)?).map_err(anyhow::Error::msg)?
                 }
-                "password_file" => self.password_file = Some(need(value)?.into()),
+                "password_file" => self.password_file.push(need(value)?),
                 "log_file" => self.log_file = Some(need(value)?.into()),
                 "threads" => {
                     self.threads =
@@ -218,10 +226,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Umount { mountpoint } => umount::umount(&mountpoint),
         Command::Info { image, json, password_file, rules } => {
-            info::info(&image, json, password_file.as_ref(), &rules.rules())
+            let rules = snapmount::io::OpenRules { describe_only: true, ..rules.rules() };
+            info::info(&image, json, &password::PasswordFiles::from_args(&password_file), &rules)
         }
         Command::Export { source, output, password_file, cache_size, rules } => {
-            export::export(&source, &output, password_file.as_ref(), cache_size, &rules.rules())
+            let passwords = password::PasswordFiles::from_args(&password_file);
+            export::export(&source, &output, &passwords, cache_size, &rules.rules())
         }
     }
 }

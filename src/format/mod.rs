@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::io::{FileSource, OpenRules};
 use crate::view::{RawView, View};
 
-use qcow2::{Backing, Header, Qcow2Image};
+use qcow2::{Backing, Crypto, Header, Qcow2Image};
 
 /// A chain deeper than this is refused: each level keeps a file and its L1
 /// table open, and a hostile chain must not exhaust either.
@@ -46,18 +46,41 @@ pub fn probe(file: &FileSource) -> Result<Option<Format>> {
     })
 }
 
-/// Opens a qcow2 image and, recursively, its backing chain.
+/// Supplies the password of an encrypted image or archive (asked once per
+/// file, with its path).
+pub type PasswordSource<'a> = &'a dyn Fn(&Path) -> std::result::Result<String, String>;
+
+/// Opens a qcow2 image and, recursively, its backing chain (no passwords:
+/// an encrypted image in it fails to open).
 pub fn open_qcow2(path: &Path, cache: &Arc<BlockCache>, rules: &OpenRules) -> Result<Arc<Qcow2Image>> {
+    open_qcow2_with(path, cache, &|_: &Path| Err("no password was given".to_string()), rules)
+}
+
+/// Opens a qcow2 image and its backing chain; each encrypted image in it
+/// asks `passwords` for its own.
+pub fn open_qcow2_with(
+    path: &Path,
+    cache: &Arc<BlockCache>,
+    passwords: PasswordSource,
+    rules: &OpenRules,
+) -> Result<Arc<Qcow2Image>> {
     let file = FileSource::open_image(path, rules)?;
-    open_qcow2_in_chain(file, cache, rules, &mut Vec::new())
+    open_qcow2_in_chain(file, cache, &Opening { passwords, rules }, &mut Vec::new())
+}
+
+/// What every image of one chain is opened with.
+struct Opening<'a> {
+    passwords: PasswordSource<'a>,
+    rules: &'a OpenRules,
 }
 
 fn open_qcow2_in_chain(
     file: FileSource,
     cache: &Arc<BlockCache>,
-    rules: &OpenRules,
+    opening: &Opening,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Arc<Qcow2Image>> {
+    let rules = opening.rules;
     let file = Arc::new(file);
     let path = &file.path().to_path_buf();
     let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
@@ -87,10 +110,15 @@ fn open_qcow2_in_chain(
         _ => None,
     };
     let backing = match header.backing_file.clone() {
-        Some(name) => Some(open_backing(&file, &name, header.backing_format.as_deref(), cache, rules, chain)?),
+        Some(name) => Some(open_backing(&file, &name, header.backing_format.as_deref(), cache, opening, chain)?),
         None => None,
     };
-    Ok(Arc::new(Qcow2Image::new(file, header, data, backing, cache.clone(), rules.force_share)?))
+    let crypto = match header.crypt_method {
+        0 => None,
+        method => Some(Crypto::open(&file, method, header.fde, opening.passwords, rules.describe_only)?),
+    };
+    let may_change = rules.force_share;
+    Ok(Arc::new(Qcow2Image::new(file, header, data, backing, cache.clone(), crypto, may_change)?))
 }
 
 /// ` (PATH)` when the name inside an image resolved to another path.
@@ -131,9 +159,10 @@ fn open_backing(
     name: &str,
     format: Option<&str>,
     cache: &Arc<BlockCache>,
-    rules: &OpenRules,
+    opening: &Opening,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Backing> {
+    let rules = opening.rules;
     let image = referrer.path();
     let path = resolve_name(image, name, "backing file")?;
     let file = FileSource::open_named(referrer, name, &path, "backing file", rules)
@@ -161,7 +190,7 @@ fn open_backing(
             Arc::new(if rules.force_share { RawView::watched(file.clone())? } else { RawView::new(file.clone()) });
         return Ok(Backing { name: name.to_string(), path, format, view, file, image: None });
     }
-    let img = open_qcow2_in_chain(file, cache, rules, chain)?;
+    let img = open_qcow2_in_chain(file, cache, opening, chain)?;
     let view: Arc<dyn View> = Arc::new(img.active_view());
     let file = img.file().clone();
     Ok(Backing { name: name.to_string(), path, format, view, file, image: Some(img) })

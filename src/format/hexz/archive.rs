@@ -33,8 +33,7 @@ pub enum Stream {
     Auxiliary,
 }
 
-/// Supplies the password of an encrypted archive (asked once per archive).
-pub type PasswordSource<'a> = &'a dyn Fn(&Path) -> std::result::Result<String, String>;
+pub use crate::format::PasswordSource;
 
 /// Where a content hash is found in an archive's own blocks.
 #[derive(Clone, Copy)]

@@ -23,6 +23,7 @@ const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
 const EXT_FEATURE_TABLE: u32 = 0x6803_F857;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+const EXT_FDE: u32 = 0x0537_BE77;
 
 /// QEMU's limits, copied so that a hostile header cannot make us allocate or
 /// loop more than QEMU would.
@@ -67,6 +68,9 @@ pub struct Header {
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
     pub data_file: Option<String>,
+    /// LUKS: where the encryption header area is (offset, length), from the
+    /// full-disk-encryption header extension.
+    pub fde: Option<(u64, u64)>,
     /// (type, bit, name) from the feature-name table, for messages.
     pub feature_names: Vec<(u8, u8, String)>,
 }
@@ -140,6 +144,7 @@ impl Header {
             backing_file: None,
             backing_format: None,
             data_file: None,
+            fde: None,
             feature_names: Vec::new(),
         };
         if version == 3 {
@@ -194,11 +199,16 @@ impl Header {
                 1u64 << cluster_bits
             )));
         }
-        match h.crypt_method {
-            0 => {}
-            1 => return Err(bad("encrypted image (legacy AES); snapmount does not decrypt qcow2 images".into())),
-            2 => return Err(bad("encrypted image (LUKS); snapmount does not decrypt qcow2 images".into())),
-            m => return Err(bad(format!("unknown encryption method {m}"))),
+        match (h.crypt_method, h.fde) {
+            (0, _) => {}
+            (1, None) => {}
+            (1, Some(_)) => return Err(bad("bad header: LUKS header extension on a legacy AES image".into())),
+            (2, Some((offset, _))) if offset % cluster_size != 0 => {
+                return Err(bad(format!("bad header: LUKS header offset {offset:#x} is not cluster aligned")))
+            }
+            (2, Some(_)) => {}
+            (2, None) => return Err(bad("bad header: LUKS encryption without its header extension".into())),
+            (m, _) => return Err(bad(format!("unknown encryption method {m}"))),
         }
 
         if backing_offset != 0 {
@@ -292,7 +302,13 @@ impl Header {
                         self.feature_names.push((entry[0], entry[1], String::from_utf8_lossy(name).into_owned()));
                     }
                 }
-                _ => {} // bitmaps, FDE pointer, unknown: not needed to read
+                EXT_FDE => {
+                    if len != 16 {
+                        return Err(bad("encryption header pointer is not 16 bytes"));
+                    }
+                    self.fde = Some((be64(data, 0), be64(data, 8)));
+                }
+                _ => {} // bitmaps, unknown: not needed to read
             }
             at += len.div_ceil(8) * 8;
         }

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::io::{with_scratch, FileSource};
 use crate::view::{Extent, View};
 
+use super::crypto::{Crypto, SECTOR};
 use super::decompress::decompress;
 use super::header::Header;
 use super::l2::{self, Geometry, Mapping};
@@ -52,6 +53,8 @@ pub struct Qcow2Image {
     snapshots: Vec<Snapshot>,
     /// Set under `--force-share`: the image may change while served.
     watch: Option<Watch>,
+    /// Set for an encrypted image.
+    crypto: Option<Crypto>,
 }
 
 impl Qcow2Image {
@@ -63,6 +66,7 @@ impl Qcow2Image {
         data: Option<Arc<FileSource>>,
         backing: Option<Backing>,
         cache: Arc<BlockCache>,
+        crypto: Option<Crypto>,
         may_change: bool,
     ) -> Result<Self> {
         let path = file.path().to_path_buf();
@@ -80,6 +84,7 @@ impl Qcow2Image {
         };
         Ok(Qcow2Image {
             watch,
+            crypto,
             data: data.unwrap_or_else(|| file.clone()),
             path,
             file,
@@ -284,6 +289,26 @@ impl Qcow2Image {
         });
     }
 
+    /// Reads data stored at `host` (guest bytes from `guest` on) and
+    /// decrypts it: whole 512-byte sectors around the range, each with its
+    /// own IV. Host and guest offsets agree modulo the sector size.
+    fn read_encrypted(&self, crypto: &Crypto, buf: &mut [u8], host: u64, guest: u64) -> Result<()> {
+        let sector = SECTOR as u64;
+        let skew = (host % sector) as usize;
+        let total = (skew + buf.len()).div_ceil(SECTOR) * SECTOR;
+        with_scratch(total, |sectors| {
+            self.data.read_at(sectors, host - skew as u64)?;
+            crypto.decrypt(&self.path, sectors, host - skew as u64, guest - skew as u64)?;
+            buf.copy_from_slice(&sectors[skew..skew + buf.len()]);
+            Ok(())
+        })
+    }
+
+    /// What `info.json` says of the image's encryption, when it has any.
+    pub fn encryption(&self) -> Option<&serde_json::Value> {
+        self.crypto.as_ref().map(|c| &c.description)
+    }
+
     fn read_backing(&self, buf: &mut [u8], guest: u64) -> Result<()> {
         match &self.backing {
             Some(b) => b.view.read_at(buf, guest),
@@ -342,7 +367,10 @@ impl Qcow2View {
 
     fn flush(&self, run: &Pending, buf: &mut [u8], guest: u64) -> Result<()> {
         match *run {
-            Pending::Data { host } => self.image.data.read_at(buf, host),
+            Pending::Data { host } => match &self.image.crypto {
+                None => self.image.data.read_at(buf, host),
+                Some(crypto) => self.image.read_encrypted(crypto, buf, host, guest),
+            },
             Pending::Zero => {
                 buf.fill(0);
                 Ok(())
