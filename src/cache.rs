@@ -137,12 +137,12 @@ impl BlockCache {
 
 /// A zero-filled block of `len` bytes, allocated once where the cache will
 /// keep it (filling a `Vec` and converting would allocate and copy again).
+/// Zeroed by the allocator (calloc): a large block comes as fresh zero
+/// pages from the kernel, so a block that a hostile index claims is 64 MiB
+/// costs nothing before decoding fails, and a real one is written once.
 pub fn new_block(len: usize) -> Arc<[u8]> {
-    let mut block: Arc<[std::mem::MaybeUninit<u8>]> = Arc::new_uninit_slice(len);
-    for b in Arc::get_mut(&mut block).expect("fresh Arc is unique") {
-        b.write(0);
-    }
-    // SAFETY: every byte was written above.
+    let block: Arc<[std::mem::MaybeUninit<u8>]> = Arc::new_zeroed_slice(len);
+    // SAFETY: zeroed bytes are valid `u8`s.
     unsafe { block.assume_init() }
 }
 

@@ -143,26 +143,51 @@ fn damage_and_read(originals: &[PathBuf], dir: &Path, read: fn(&Path) -> Result<
         let ext = original.extension().unwrap().to_str().unwrap();
         let damaged = dir.join(format!("damaged-{seed}.{ext}"));
         std::fs::write(&damaged, &bytes).unwrap();
-        let (tx, rx) = mpsc::channel();
-        let p = damaged.clone();
-        std::thread::spawn(move || {
-            let r = std::panic::catch_unwind(|| read(&p));
-            let _ = tx.send(r);
-        });
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Err(_) => panic!("seed {seed}: reading {} hung for 60 s", damaged.display()),
-            Ok(Err(_)) => panic!(
-                "seed {seed}: the reader panicked on {} (rerun with SNAPMOUNT_TEST_SEED={seed})",
-                damaged.display()
-            ),
-            Ok(Ok(Err(msg))) => assert!(
+        match bounded(&damaged, read) {
+            Err(why) => panic!("seed {seed}: {why} (rerun with SNAPMOUNT_TEST_SEED={seed})"),
+            Ok(Err(msg)) => assert!(
                 msg.contains(damaged.to_str().unwrap()) || also_named.iter().any(|n| msg.contains(n)),
                 "seed {seed}: error does not name the file: {msg}"
             ),
-            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(())) => {}
         }
         std::fs::remove_file(&damaged).unwrap();
     }
+}
+
+/// Runs `read` on `path` in a thread: its result, or why it did not return
+/// one (a panic, or a hang of 60 s).
+fn bounded(path: &Path, read: fn(&Path) -> Result<(), String>) -> Result<Result<(), String>, String> {
+    let (tx, rx) = mpsc::channel();
+    let p = path.to_path_buf();
+    std::thread::spawn(move || {
+        let r = std::panic::catch_unwind(|| read(&p));
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Err(_) => Err(format!("reading {} hung for 60 s", path.display())),
+        Ok(Err(_)) => Err(format!("the reader panicked on {}", path.display())),
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
+/// What the fuzzers found (fuzz/, FUZZING.md), kept in tests/fixtures/fuzz:
+/// each input opens or fails with a message naming it, and its reads end.
+#[test]
+fn fuzz_findings_stay_fixed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz");
+    let mut found = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let read = if path.extension().is_some_and(|e| e == "hxz") { exercise_hexz } else { exercise };
+        match bounded(&path, read) {
+            Err(why) => panic!("{why}"),
+            Ok(Err(msg)) => assert!(msg.contains(path.to_str().unwrap()), "error does not name the file: {msg}"),
+            Ok(Ok(())) => {}
+        }
+        found += 1;
+    }
+    assert!(found > 0, "the findings are in {}", dir.display());
 }
 
 fn exercise_hexz(path: &Path) -> Result<(), String> {

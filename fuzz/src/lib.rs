@@ -22,6 +22,8 @@ const NOBODY: u32 = 65534;
 const PASSWORD: &str = include_str!("../../tests/fixtures/hexz/password.txt");
 /// Reads done per view: the first MiB in 64 KiB steps, then samples.
 const READS_PER_VIEW: u64 = 48;
+/// The block cache: small, so that eviction paths run too.
+const CACHE: u64 = 8 << 20;
 /// Extents walked per view (`stat`'s allocated size, SEEK_DATA/SEEK_HOLE).
 const WALK_STEPS: u64 = 4096;
 
@@ -75,7 +77,7 @@ pub fn exercise(magic: &[u8], data: &[u8]) {
     std::fs::write(&path, &bytes).unwrap();
     std::os::unix::fs::chown(&path, Some(NOBODY), Some(NOBODY)).unwrap();
 
-    let cache = Arc::new(BlockCache::new(8 << 20));
+    let cache = Arc::new(BlockCache::new(CACHE));
     let password = |_: &Path| Ok(PASSWORD.trim_end().to_string());
     let Ok(catalog) = Catalog::build(&[path], &cache, &password, &Default::default()) else {
         return;
