@@ -83,7 +83,7 @@ pub fn qcow2_info(image: &Qcow2Image, snapshot_entries: &[String]) -> Value {
         .collect();
     json!({
         "filename": image.path().display().to_string(),
-        "format": "qcow2",
+        "format": if h.version == 1 { "qcow" } else { "qcow2" },
         "virtual_size": h.virtual_size(),
         "cluster_size": h.cluster_size(),
         "version": h.version,

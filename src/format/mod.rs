@@ -110,7 +110,12 @@ fn open_qcow2_in_chain(
         _ => None,
     };
     let backing = match header.backing_file.clone() {
-        Some(name) => Some(open_backing(&file, &name, header.backing_format.as_deref(), cache, opening, chain)?),
+        Some(name) => {
+            // Version 1 has no field for the backing format: probing is its
+            // normal way, not worth a warning.
+            let quiet = header.version == 1;
+            Some(open_backing(&file, &name, header.backing_format.as_deref(), quiet, cache, opening, chain)?)
+        }
         None => None,
     };
     let crypto = match header.crypt_method {
@@ -145,8 +150,14 @@ pub(crate) fn read_header(file: &FileSource) -> Result<Header> {
     let mut first = vec![0u8; 104.min(file.len() as usize)];
     file.read_at(&mut first, 0)?;
     if first.len() >= 24 && first[0..4] == qcow2::MAGIC {
+        let version = u32::from_be_bytes(first[4..8].try_into().unwrap());
         let bits = u32::from_be_bytes(first[20..24].try_into().unwrap());
-        if (qcow2::header::MIN_CLUSTER_BITS..=qcow2::header::MAX_CLUSTER_BITS).contains(&bits) {
+        if version == 1 {
+            // Version 1 may keep its backing name anywhere: take the first
+            // 64 KiB (QEMU writes it right after the 48-byte header).
+            first = vec![0u8; (64usize << 10).min(file.len() as usize)];
+            file.read_at(&mut first, 0)?;
+        } else if (qcow2::header::MIN_CLUSTER_BITS..=qcow2::header::MAX_CLUSTER_BITS).contains(&bits) {
             first = vec![0u8; (1usize << bits).min(file.len() as usize)];
             file.read_at(&mut first, 0)?;
         }
@@ -154,10 +165,13 @@ pub(crate) fn read_header(file: &FileSource) -> Result<Header> {
     Header::parse(file.path(), &first)
 }
 
+/// Opens the backing file `name` of `referrer`, as `format` or, without
+/// one, as its magic says (with a warning unless `probe_quietly`).
 fn open_backing(
     referrer: &FileSource,
     name: &str,
     format: Option<&str>,
+    probe_quietly: bool,
     cache: &Arc<BlockCache>,
     opening: &Opening,
     chain: &mut Vec<PathBuf>,
@@ -169,6 +183,7 @@ fn open_backing(
         .map_err(|e| named_open_error(image, name, &path, "backing file", e))?;
     let format = match format {
         Some("qcow2") => "qcow2",
+        Some("qcow") => "qcow",
         Some("raw") => "raw",
         Some(other) => {
             return Err(Error::open(
@@ -179,8 +194,14 @@ fn open_backing(
         None => {
             // Legacy images: probe by magic, as QEMU does, but only ever
             // promote a file to qcow2 on its magic, never demote a qcow2.
-            let probed = if probe(&file)? == Some(Format::Qcow2) { "qcow2" } else { "raw" };
-            warn!("{}: no backing format recorded for '{name}'; probed it as {probed}", image.display());
+            let probed = match probe(&file)? {
+                Some(Format::Qcow2) if read_header(&file).is_ok_and(|h| h.version == 1) => "qcow",
+                Some(Format::Qcow2) => "qcow2",
+                _ => "raw",
+            };
+            if !probe_quietly {
+                warn!("{}: no backing format recorded for '{name}'; probed it as {probed}", image.display());
+            }
             probed
         }
     };

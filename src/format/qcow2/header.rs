@@ -29,6 +29,9 @@ const EXT_FDE: u32 = 0x0537_BE77;
 /// loop more than QEMU would.
 pub const MIN_CLUSTER_BITS: u32 = 9;
 pub const MAX_CLUSTER_BITS: u32 = 21;
+/// QEMU's limit on a version 1 image's size (block/qcow.c: 2^63 / 512
+/// sectors would overflow; it refuses sizes its L1 arithmetic cannot hold).
+const MAX_V1_SIZE: u64 = 1 << 56;
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 pub const MAX_SNAPSHOTS: u32 = 65536;
 const MAX_BACKING_NAME: u32 = 1023;
@@ -52,6 +55,9 @@ impl Compression {
 pub struct Header {
     pub version: u32,
     pub cluster_bits: u32,
+    /// log2 of the entries in an L2 table: stored in a version 1 header;
+    /// in qcow2 a table fills a cluster.
+    pub l2_bits: u32,
     /// Virtual size as stored (QEMU rounds it down to 512 when it uses it).
     pub size: u64,
     pub crypt_method: u32,
@@ -103,8 +109,7 @@ impl Header {
 
     /// Bytes of guest data one L2 table covers.
     pub fn l2_coverage(&self) -> u64 {
-        let entry = if self.extended_l2() { 16 } else { 8 };
-        (self.cluster_size() / entry) << self.cluster_bits
+        1u64 << (self.l2_bits + self.cluster_bits)
     }
 
     /// Parses and validates the header. `first` holds the start of the file:
@@ -115,8 +120,11 @@ impl Header {
             return Err(bad("not a qcow2 image (no QFI\\xfb magic)".into()));
         }
         let version = be32(first, 4);
+        if version == 1 {
+            return Header::parse_v1(path, first);
+        }
         if version != 2 && version != 3 {
-            return Err(bad(format!("unsupported qcow2 version {version} (only 2 and 3 are)")));
+            return Err(bad(format!("unsupported qcow version {version} (only 1, 2 and 3 are)")));
         }
         let cluster_bits = be32(first, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
@@ -129,6 +137,7 @@ impl Header {
         let mut h = Header {
             version,
             cluster_bits,
+            l2_bits: cluster_bits - 3,
             size: be64(first, 24),
             crypt_method: be32(first, 32),
             l1_size: be32(first, 36),
@@ -156,7 +165,7 @@ impl Header {
             h.autoclear = be64(first, 88);
             h.refcount_order = be32(first, 96);
             h.header_length = be32(first, 100);
-            if h.header_length < 104 || h.header_length % 8 != 0 {
+            if h.header_length < 104 || !h.header_length.is_multiple_of(8) {
                 return Err(bad(format!("bad header: header_length {}", h.header_length)));
             }
             if h.header_length as u64 > cluster_size || h.header_length as usize > first.len() {
@@ -191,6 +200,9 @@ impl Header {
                 "bad header: compression type {} does not match the compression feature bit",
                 h.compression.name()
             )));
+        }
+        if h.extended_l2() {
+            h.l2_bits = cluster_bits - 4;
         }
         if h.extended_l2() && cluster_bits < 14 {
             // QEMU refuses these too ("Unsupported subcluster size").
@@ -233,7 +245,7 @@ impl Header {
         }
 
         // Table placement (A.1, A.12).
-        if h.l1_table_offset % cluster_size != 0 {
+        if !h.l1_table_offset.is_multiple_of(cluster_size) {
             return Err(bad(format!("bad header: L1 table offset {:#x} unaligned", h.l1_table_offset)));
         }
         if h.l1_size as u64 * 8 > MAX_L1_BYTES {
@@ -256,8 +268,73 @@ impl Header {
         if h.nb_snapshots > 0 && h.snapshots_offset > i64::MAX as u64 {
             return Err(bad("bad header: snapshot table offset out of range".into()));
         }
-        if h.nb_snapshots > 0 && h.snapshots_offset % cluster_size != 0 {
+        if h.nb_snapshots > 0 && !h.snapshots_offset.is_multiple_of(cluster_size) {
             return Err(bad("bad header: snapshot table offset unaligned".into()));
+        }
+        Ok(h)
+    }
+
+    /// The version 1 header (research note qcow2-crypto.md §8): 48 bytes,
+    /// L1 size computed from the disk size, no refcounts, snapshots,
+    /// extensions or zero clusters; the backing name is stored anywhere
+    /// `first` holds.
+    fn parse_v1(path: &Path, first: &[u8]) -> Result<Header> {
+        let bad = |msg: String| Error::open(path, format!("qcow version 1: {msg}"));
+        if first.len() < 48 {
+            return Err(bad("truncated header".into()));
+        }
+        let (cluster_bits, l2_bits) = (first[32] as u32, first[33] as u32);
+        // QEMU's limits (block/qcow.c).
+        if !(9..=16).contains(&cluster_bits) || !(6..=13).contains(&l2_bits) {
+            return Err(bad(format!("cluster_bits {cluster_bits} / l2_bits {l2_bits} out of range")));
+        }
+        let size = be64(first, 24);
+        if size <= 1 || size > MAX_V1_SIZE {
+            return Err(bad(format!("disk size {size} out of range")));
+        }
+        let l1_size = size.div_ceil(1u64 << (cluster_bits + l2_bits));
+        if l1_size * 8 > MAX_L1_BYTES {
+            return Err(bad("L1 table too large".into()));
+        }
+        let mut h = Header {
+            version: 1,
+            cluster_bits,
+            l2_bits,
+            size,
+            crypt_method: be32(first, 36),
+            l1_size: l1_size as u32,
+            l1_table_offset: be64(first, 40),
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible: 0,
+            compatible: 0,
+            autoclear: 0,
+            refcount_order: 4,
+            header_length: 48,
+            compression: Compression::Deflate,
+            backing_file: None,
+            backing_format: None,
+            data_file: None,
+            fde: None,
+            feature_names: Vec::new(),
+        };
+        if h.crypt_method > 1 {
+            return Err(bad(format!("unknown encryption method {}", h.crypt_method)));
+        }
+        if !h.l1_table_offset.is_multiple_of(8)
+            || h.l1_table_offset.checked_add(l1_size * 8).is_none_or(|e| e > i64::MAX as u64)
+        {
+            return Err(bad(format!("L1 table offset {:#x} out of range", h.l1_table_offset)));
+        }
+        let (offset, len) = (be64(first, 8), be32(first, 16) as u64);
+        if offset != 0 && len > 0 {
+            if len > 1023 || offset.checked_add(len).is_none_or(|e| e > first.len() as u64) {
+                return Err(bad("backing file name out of range".into()));
+            }
+            let name = &first[offset as usize..(offset + len) as usize];
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            h.backing_file =
+                Some(String::from_utf8(name.to_vec()).map_err(|_| bad("backing file name is not UTF-8".into()))?);
         }
         Ok(h)
     }

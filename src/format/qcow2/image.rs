@@ -27,7 +27,7 @@ pub struct Backing {
     /// Where it was found (the referencing image's directory joined with a
     /// relative name).
     pub path: PathBuf,
-    /// "qcow2" or "raw".
+    /// "qcow2", "qcow" (version 1) or "raw".
     pub format: &'static str,
     /// The backing file itself (its times stand for its views').
     pub file: Arc<FileSource>,
@@ -72,6 +72,7 @@ impl Qcow2Image {
         let path = file.path().to_path_buf();
         let geo = Geometry {
             cluster_bits: header.cluster_bits,
+            l2_bits: header.l2_bits,
             extended_l2: header.extended_l2(),
             version: header.version,
             external_data: header.has_data_file(),
@@ -199,7 +200,7 @@ impl Qcow2Image {
     fn l2_table(&self, offset: u64) -> Result<Arc<[u8]>> {
         let key = BlockKey { file: self.file.id(), kind: BlockKind::Table, offset };
         self.cache.get_or_load(key, || {
-            let mut table = new_block(self.geo.cluster_size() as usize);
+            let mut table = new_block(self.geo.l2_table_bytes() as usize);
             self.file.read_at(block_mut(&mut table), offset)?;
             Ok(table)
         })
@@ -223,7 +224,7 @@ impl Qcow2Image {
             return Ok((Mapping::Unallocated, rest_of_l1));
         }
         let cs = self.geo.cluster_size();
-        if l2_offset % cs != 0 {
+        if !l2_offset.is_multiple_of(cs) {
             return Err(Error::corrupt(
                 &self.path,
                 guest,

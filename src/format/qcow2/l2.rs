@@ -25,6 +25,8 @@ pub enum Mapping {
 #[derive(Clone, Copy, Debug)]
 pub struct Geometry {
     pub cluster_bits: u32,
+    /// log2 of the entries in an L2 table.
+    pub l2_bits: u32,
     pub extended_l2: bool,
     pub version: u32,
     pub external_data: bool,
@@ -44,7 +46,12 @@ impl Geometry {
     }
 
     pub fn l2_entries(&self) -> u64 {
-        self.cluster_size() / self.entry_bytes()
+        1 << self.l2_bits
+    }
+
+    /// Bytes of one L2 table (a cluster in qcow2; any power of two in v1).
+    pub fn l2_table_bytes(&self) -> u64 {
+        self.l2_entries() * self.entry_bytes()
     }
 
     /// Size of the unit an L2 entry maps independently: a subcluster with
@@ -63,12 +70,32 @@ impl Geometry {
     }
 }
 
+/// A version 1 L2 entry: 0 is unallocated, bit 63 marks a compressed
+/// cluster (exact byte size above a (63 - cluster_bits)-bit offset), else
+/// the cluster's host offset.
+fn decode_v1(g: &Geometry, entry: u64, guest: u64) -> Mapping {
+    const V1_COMPRESSED: u64 = 1 << 63;
+    let cs = g.cluster_size();
+    if entry == 0 {
+        return Mapping::Unallocated;
+    }
+    if entry & V1_COMPRESSED != 0 {
+        let x = 63 - g.cluster_bits;
+        let csize = (entry >> x) & (cs - 1);
+        return Mapping::Compressed { coffset: entry & ((1u64 << x) - 1), csize };
+    }
+    Mapping::Data { host: entry + (guest & (cs - 1)) }
+}
+
 /// Decodes the L2 entry (and its bitmap, with extended L2) for the guest
 /// offset `guest`. Returns the mapping of the granule holding `guest`, or the
 /// reason the entry is corrupt.
 pub fn decode(g: &Geometry, entry: u64, bitmap: u64, guest: u64) -> Result<Mapping, String> {
     let cs = g.cluster_size();
     let guest_cluster = guest & !(cs - 1);
+    if g.version == 1 {
+        return Ok(decode_v1(g, entry, guest));
+    }
     if entry & COMPRESSED != 0 {
         if g.external_data {
             return Err("compressed cluster in an image with an external data file".into());
@@ -146,7 +173,8 @@ mod tests {
     use super::*;
 
     fn geo(cluster_bits: u32, extended_l2: bool) -> Geometry {
-        Geometry { cluster_bits, extended_l2, version: 3, external_data: false }
+        let l2_bits = cluster_bits - if extended_l2 { 4 } else { 3 };
+        Geometry { cluster_bits, l2_bits, extended_l2, version: 3, external_data: false }
     }
 
     #[test]

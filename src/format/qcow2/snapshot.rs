@@ -98,7 +98,7 @@ pub fn read_table(path: &Path, file: &FileSource, h: &Header) -> Result<Vec<Snap
         let id = String::from_utf8_lossy(&e[ids..ids + id_len as usize]).into_owned();
         let names = ids + id_len as usize;
         let name = e[names..names + name_len as usize].to_vec();
-        let l1_error = if l1_table_offset % h.cluster_size() != 0 {
+        let l1_error = if !l1_table_offset.is_multiple_of(h.cluster_size()) {
             Some(format!("L1 table offset {l1_table_offset:#x} unaligned"))
         } else if l1_size as u64 * 8 > MAX_L1_BYTES {
             Some(format!("L1 table of {l1_size} entries is too large"))
