@@ -20,6 +20,9 @@
 #   BENCH_WARM_PASSES   warm buffered re-reads, each a new open (default 5)
 #   BENCH_CACHE    snapmount --cache-size for every measurement (default 256M)
 #   BENCH_KEEP     1: keep the scratch dir (the default when BENCH_DIR is given)
+#   BENCH_IMAGES   images whose reads are measured (default: qcow2-raw qcow2-zlib
+#                  qcow2-zstd qcow2-luks hexz-lz4 hexz-zstd); BENCH_MOUNT_REPEAT=0
+#                  skips the mount times
 #
 # Output: one markdown table on stdout, also written to $BENCH_DIR/results.md
 # with the targets and every sample; raw samples in $BENCH_DIR/results.tsv.
@@ -40,6 +43,7 @@ BENCH_MOUNT_REPEAT=${BENCH_MOUNT_REPEAT:-5}
 BENCH_RUNTIME=${BENCH_RUNTIME:-10}
 BENCH_WARM_PASSES=${BENCH_WARM_PASSES:-5}
 BENCH_CACHE=${BENCH_CACHE:-256M}
+BENCH_IMAGES=${BENCH_IMAGES:-qcow2-raw qcow2-zlib qcow2-zstd qcow2-luks hexz-lz4 hexz-zstd}
 if [[ -n ${BENCH_DIR:-} ]]; then
     BENCH_KEEP=${BENCH_KEEP:-1}
     mkdir -p "$BENCH_DIR"
@@ -148,7 +152,7 @@ build() {
 
 # The test disk and every image made from it. Reused when the stamp matches.
 make_data() {
-    local stamp="size=$BYTES gen=1"
+    local stamp="size=$BYTES gen=2"
     if [[ -f $DATA/.stamp && $(cat "$DATA/.stamp") == "$stamp" ]]; then
         log "reusing the images in $DATA"
         return
@@ -162,6 +166,12 @@ make_data() {
     qemu-img convert -f raw -O qcow2 -o cluster_size=64k "$DATA/src.raw" "$DATA/qcow2-raw.qcow2"
     qemu-img convert -c -f raw -O qcow2 -o cluster_size=64k,compression_type=zlib "$DATA/src.raw" "$DATA/qcow2-zlib.qcow2"
     qemu-img convert -c -f raw -O qcow2 -o cluster_size=64k,compression_type=zstd "$DATA/src.raw" "$DATA/qcow2-zstd.qcow2"
+
+    log "qcow2 LUKS (aes-256-xts-plain64, QEMU's default cipher; password in $DATA/luks.pw)"
+    printf 'bench-password' >"$DATA/luks.pw"   # QEMU's secret file=: verbatim, no newline
+    qemu-img convert -f raw -O qcow2 --object secret,id=sec0,file="$DATA/luks.pw" \
+        -o cluster_size=64k,encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=100 \
+        "$DATA/src.raw" "$DATA/qcow2-luks.qcow2"
 
     log "HEXZ archives: LZ4, zstd"
     "$HEXZ" pack -s "$DATA/src.raw" "$DATA/hexz-lz4.hxz" >"$LOGS/hexz-pack.log" 2>&1
@@ -233,8 +243,8 @@ mount_tool() {
     PID=
     case $tool in
         snapmount)
-            "$SNAPMOUNT" mount --cache-size "$BENCH_CACHE" --log-file "$LOGS/snapmount.log" "$img" "$MNT_SNAP" \
-                2>>"$LOGS/snapmount.log"
+            "$SNAPMOUNT" mount --cache-size "$BENCH_CACHE" --log-file "$LOGS/snapmount.log" \
+                --password-file "$DATA/luks.pw" "$img" "$MNT_SNAP" 2>>"$LOGS/snapmount.log"
             FILE=$MNT_SNAP/$(basename "$img")/disk.raw
             wait_live "$tool" "$FILE"
             # The background daemon keeps the command line of `snapmount mount`.
@@ -243,9 +253,12 @@ mount_tool() {
         qsd)
             # Command line of /work/shared/research/qcow2.md B.2; --daemonize
             # returns once the export is live.
-            qemu-storage-daemon \
+            # The same password for the LUKS image (other images ignore it).
+            local encrypt=
+            if [[ $2 == qcow2-luks ]]; then encrypt=,encrypt.key-secret=sec0; fi
+            qemu-storage-daemon --object secret,id=sec0,file="$DATA/luks.pw" \
                 --blockdev driver=file,node-name=file0,filename="$img",read-only=on,cache.direct=off \
-                --blockdev driver=qcow2,node-name=fmt0,file=file0,read-only=on \
+                --blockdev driver=qcow2,node-name=fmt0,file=file0,read-only=on$encrypt \
                 --export type=fuse,id=exp0,node-name=fmt0,mountpoint="$MNT_QSD",writable=off \
                 --pidfile "$BENCH_DIR/qsd.pid" --daemonize 2>>"$LOGS/qsd.log"
             FILE=$MNT_QSD
@@ -483,7 +496,7 @@ throughput() {
     local rep image metric tool
     for ((rep = 1; rep <= BENCH_REPEAT; rep++)); do
         log "throughput, repetition $rep/$BENCH_REPEAT"
-        for image in qcow2-raw qcow2-zlib qcow2-zstd hexz-lz4 hexz-zstd; do
+        for image in $BENCH_IMAGES; do
             for metric in seq_direct seq_buf rand1 rand4; do
                 for tool in $(tools_for "$image"); do
                     measure "$metric" "$tool" "$image" "$rep"
