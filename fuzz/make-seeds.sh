@@ -60,7 +60,12 @@ seed d.qcow2 data-file
 cp base.qcow2 "$here/assets/"
 fx="$here/../tests/fixtures/hexz"
 for f in boot child grand tree tar encrypted signed; do cp "$fx/$f.hxz" "$here/corpus/image_hexz/$f.hxz"; done
-# headers: the first 4 KiB of every seed (headers and the first tables).
+# headers: small disks with partition tables (GPT with its backup; MBR with
+# a chain of logical partitions), and the first 4 KiB of every seed.
+truncate -s 256K gpt.disk mbr.disk
+printf 'label: gpt\n\nsize=64K, name=a\nsize=32K\n\n' | sfdisk -q gpt.disk
+printf 'label: dos\n\nsize=32K, type=83\ntype=5\nsize=32K, type=83\nsize=32K, type=82\n\n' | sfdisk -q mbr.disk
+cp gpt.disk mbr.disk "$here/corpus/headers/"
 for f in "$here"/corpus/image_qcow2/* "$here"/corpus/image_hexz/*; do
     head -c 4096 "$f" > "$here/corpus/headers/$(basename "$f")"
 done

@@ -5,7 +5,9 @@
 #   fuse3       fusermount3, for mounts by non-root users
 #   e2fsprogs   mkfs.ext4 (-d) to put real filesystems into test images
 #   util-linux  mount / losetup / partx for loop mounts of the served disks
-#   fdisk       sfdisk, to write a partition table into a test disk
+#   fdisk       sfdisk, to write partition tables into test disks
+#   dosfstools  mkfs.vfat, a FAT filesystem in a test partition
+#   mtools      mcopy/mtype, to write and read it (kernels without vfat)
 # and builds the HEXZ oracle, hexz-cli 0.8.2, into target/tools (once, a few
 # minutes): the tests pack fresh archives with it (tests/common: hexz_bin),
 # beside the committed fixtures it made (tests/fixtures/make-hexz.sh).
@@ -18,6 +20,8 @@ command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v losetup >/dev/null && command -v mount >/dev/null && command -v partx >/dev/null || need+=(util-linux mount)
 command -v sfdisk >/dev/null || need+=(fdisk)
+command -v mkfs.vfat >/dev/null || need+=(dosfstools)
+command -v mtype >/dev/null || need+=(mtools)
 if ((${#need[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "installing: ${need[*]}"

@@ -10,6 +10,7 @@ pub mod error;
 pub mod format;
 pub mod fs;
 pub mod io;
+pub mod partition;
 pub mod view;
 
 pub use error::{Error, Result};

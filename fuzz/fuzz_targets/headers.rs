@@ -1,5 +1,6 @@
 //! The small parsers on their own, straight from bytes: qcow2 header,
-//! HEXZ header, master index, index page entries and manifest. Faster than
+//! HEXZ header, master index, index page entries and manifest, and the
+//! partition tables (GPT, MBR with logical chains) of the input as a disk. Faster than
 //! the whole-image targets, so they go deeper into each parser.
 #![no_main]
 use std::path::Path;
@@ -15,4 +16,5 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     for entry in data.chunks_exact(52) {
         let _ = index::BlockInfo::parse(entry);
     }
+    let _ = snapmount::partition::read(&snapmount_fuzz::BytesView(data), "fuzz");
 });

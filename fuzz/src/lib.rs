@@ -112,3 +112,25 @@ fn read_view(v: &dyn View, buf: &mut [u8]) {
     let _ = view::seek_data(v, size / 2);
     let _ = view::seek_hole(v, 0);
 }
+
+/// Bytes as a disk view, for the parsers that read a disk (partition
+/// tables).
+pub struct BytesView<'a>(pub &'a [u8]);
+
+impl View for BytesView<'_> {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> snapmount::Result<()> {
+        buf.fill(0);
+        let start = (offset.min(self.0.len() as u64)) as usize;
+        let n = buf.len().min(self.0.len() - start);
+        buf[..n].copy_from_slice(&self.0[start..start + n]);
+        Ok(())
+    }
+
+    fn extent(&self, offset: u64, max: u64) -> snapmount::Result<view::Extent> {
+        Ok(view::Extent { len: (self.size() - offset).min(max).max(1), data: true })
+    }
+}

@@ -27,6 +27,7 @@ use crate::format::hexz::{self, HexzArchive, PasswordSource, Stream};
 use crate::format::qcow2::{Backing, Qcow2Image};
 use crate::format::{self, Format};
 use crate::io::{FileSource, OpenRules};
+use crate::partition;
 use crate::view::{self, SliceView, View};
 
 use perm::Access;
@@ -106,6 +107,9 @@ impl Node {
 
 pub struct Catalog {
     nodes: Vec<Node>,
+    /// Opened only to be described (`snapmount info`): a disk that cannot
+    /// be read then (an encrypted one) has its partitions left out quietly.
+    describe_only: bool,
 }
 
 type Times = (SystemTime, SystemTime, SystemTime);
@@ -162,7 +166,7 @@ impl Catalog {
         rules: &OpenRules,
     ) -> Result<Catalog> {
         let now = SystemTime::now();
-        let mut cat = Catalog { nodes: Vec::new() };
+        let mut cat = Catalog { nodes: Vec::new(), describe_only: rules.describe_only };
         cat.add(0, None, Content::Dir(BTreeMap::new()), (now, now, now));
         for source in sources {
             // Absolute, but not through symlinks: relative backing names
@@ -294,13 +298,18 @@ impl Catalog {
     fn add_hexz(&mut self, dir: Ino, archive: &Arc<HexzArchive>, times: Times) {
         let main: Arc<dyn View> = Arc::new(archive.view(Stream::Main));
         self.add(dir, Some("disk.raw"), Content::View(main.clone()), times);
+        let partitions = self.add_partitions(dir, &main, &archive.path().display().to_string(), times);
         let aux: Option<Arc<dyn View>> =
             archive.has_auxiliary().then(|| Arc::new(archive.view(Stream::Auxiliary)) as Arc<dyn View>);
         if let Some(aux) = &aux {
             self.add(dir, Some("auxiliary.raw"), Content::View(aux.clone()), times);
         }
         let a = archive.clone();
-        let make = move || info::json_text(&info::hexz_info(&a));
+        let make = move || {
+            let mut v = info::hexz_info(&a);
+            v["partitions"] = partitions.clone();
+            info::json_text(&v)
+        };
         self.add(dir, Some("info.json"), Content::Lazy(Lazy { make: Box::new(make), bytes: OnceLock::new() }), times);
         if let Some(manifest) = archive.manifest() {
             let files = self.dir(dir, "files", times);
@@ -339,8 +348,11 @@ impl Catalog {
     /// disk.raw, info.json, snapshots/ and backing/ of one qcow2 image.
     fn add_qcow2(&mut self, dir: Ino, image: &Arc<Qcow2Image>, times: Times) {
         let entries = snapshot_entries(image);
-        self.add(dir, Some("disk.raw"), Content::View(Arc::new(image.active_view())), times);
-        let info = info::qcow2_info(image, &entries);
+        let what = image.path().display().to_string();
+        let active: Arc<dyn View> = Arc::new(image.active_view());
+        self.add(dir, Some("disk.raw"), Content::View(active.clone()), times);
+        let mut info = info::qcow2_info(image, &entries);
+        info["partitions"] = self.add_partitions(dir, &active, &what, times);
         self.add(dir, Some("info.json"), json_bytes(&info), times);
 
         if !image.snapshots().is_empty() {
@@ -349,12 +361,15 @@ impl Catalog {
                 let when = info::snapshot_time(snap);
                 let stimes = (when, when, when);
                 let sdir = self.dir(snapdir, entry, stimes);
-                self.add(sdir, Some("disk.raw"), Content::View(Arc::new(image.snapshot_view(index))), stimes);
+                let disk: Arc<dyn View> = Arc::new(image.snapshot_view(index));
+                self.add(sdir, Some("disk.raw"), Content::View(disk.clone()), stimes);
+                let partitions = self.add_partitions(sdir, &disk, &format!("{what} snapshot {entry}"), stimes);
                 if snap.vm_state_size > 0 {
                     self.add(sdir, Some("vmstate"), Content::View(Arc::new(image.vmstate_view(index))), stimes);
                 }
                 let mut sinfo = info::snapshot_info(snap);
                 sinfo["entry"] = serde_json::json!(entry);
+                sinfo["partitions"] = partitions;
                 self.add(sdir, Some("info.json"), json_bytes(&sinfo), stimes);
             }
         }
@@ -369,15 +384,41 @@ impl Catalog {
                 let btimes = b.file.times();
                 let ldir = self.dir(bdir, &name, btimes);
                 self.add(ldir, Some("disk.raw"), Content::View(b.view.clone()), btimes);
-                let binfo = match &b.image {
+                let partitions = self.add_partitions(ldir, &b.view, &b.path.display().to_string(), btimes);
+                let mut binfo = match &b.image {
                     Some(img) => info::qcow2_info(img, &snapshot_entries(img)),
                     None => info::raw_info(&b.path, b.view.size()),
                 };
+                binfo["partitions"] = partitions;
                 self.add(ldir, Some("info.json"), json_bytes(&binfo), btimes);
                 link = b.image.as_ref().and_then(|i| i.backing());
                 n += 1;
             }
         }
+    }
+}
+
+impl Catalog {
+    /// `partitions/N.raw` beside the disk view `disk` in `dir`, one slice
+    /// view per partition of its table (sharing the disk's cache), and their
+    /// list for info.json. `what` names the disk in log lines.
+    fn add_partitions(&mut self, dir: Ino, disk: &Arc<dyn View>, what: &str, times: Times) -> serde_json::Value {
+        let found = match partition::read(disk.as_ref(), what) {
+            Ok(found) => found,
+            Err(_) if self.describe_only => Vec::new(),
+            Err(e) => {
+                warn!("{what}: cannot read its partition table: {e}");
+                Vec::new()
+            }
+        };
+        if !found.is_empty() {
+            let pdir = self.dir(dir, "partitions", times);
+            for p in &found {
+                let view = Arc::new(SliceView::new(disk.clone(), p.start, p.size));
+                self.add(pdir, Some(&p.file_name()), Content::View(view), times);
+            }
+        }
+        serde_json::Value::Array(found.iter().map(|p| p.to_json()).collect())
     }
 }
 
