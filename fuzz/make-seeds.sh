@@ -66,6 +66,21 @@ truncate -s 256K gpt.disk mbr.disk
 printf 'label: gpt\n\nsize=64K, name=a\nsize=32K\n\n' | sfdisk -q gpt.disk
 printf 'label: dos\n\nsize=32K, type=83\ntype=5\nsize=32K, type=83\nsize=32K, type=82\n\n' | sfdisk -q mbr.disk
 cp gpt.disk mbr.disk "$here/corpus/headers/"
+# VeridianOS: the research note's golden vectors (a snapshot with registers
+# and two pages; the 86-byte migration stream).
+mkdir -p "$here/corpus/image_vmsn" "$here/corpus/image_migration"
+python3 - "$here/corpus" <<'PY'
+import struct, sys
+out = sys.argv[1]
+h = bytes.fromhex("4e534d5601000000010000000000000002000000000000000004000000000000"
+                  "0400000000000000c02100000000000040e2010000000000c8944c5600000000")
+d = b"".join(struct.pack("<IIQQ", *t) for t in [(2, 0, 0, 144), (2, 1, 0, 144), (4, 0, 0, 4096), (4, 0, 0, 4096)])
+open(out + "/image_vmsn/golden", "wb").write(h + d + bytes(range(144)) * 2 + b"\x5a" * 8192)
+m = bytes.fromhex("494d4551" "03000000" "24000000" "1a000000" "02000000" "00000000"
+                  "02000000" "0000001000000000" "7856341200000000" "04000000" "01020304" "04000000" "05060708"
+                  "04000000" "75617274" "02000000" "aabb" "03000000" "706963" "01000000" "cc")
+open(out + "/image_migration/golden", "wb").write(m)
+PY
 for f in "$here"/corpus/image_qcow2/* "$here"/corpus/image_hexz/*; do
     head -c 4096 "$f" > "$here/corpus/headers/$(basename "$f")"
 done

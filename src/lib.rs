@@ -11,6 +11,7 @@ pub mod format;
 pub mod fs;
 pub mod io;
 pub mod partition;
+pub mod tree;
 pub mod view;
 
 pub use error::{Error, Result};

@@ -28,6 +28,7 @@ use crate::format::qcow2::{Backing, Qcow2Image};
 use crate::format::{self, Format};
 use crate::io::{FileSource, OpenRules};
 use crate::partition;
+use crate::tree::Tree;
 use crate::view::{self, SliceView, View};
 
 use perm::Access;
@@ -188,7 +189,9 @@ impl Catalog {
                             cat.add_image(&path, fmt, cache, passwords, rules)?;
                             found += 1;
                         }
-                        None => info!("skipping {}: not a qcow2 image or HEXZ archive", path.display()),
+                        None => {
+                            info!("skipping {}: not an image snapmount reads (unknown magic bytes)", path.display())
+                        }
                     }
                 }
                 if found == 0 {
@@ -198,7 +201,13 @@ impl Catalog {
                 let file = FileSource::open(source)?;
                 match format::probe(&file)? {
                     Some(fmt) => cat.add_image(source, fmt, cache, passwords, rules)?,
-                    None => return Err(Error::open(source, "not a qcow2 image or HEXZ archive (unknown magic bytes)")),
+                    None => {
+                        return Err(Error::open(
+                            source,
+                            "not a qcow2/qcow image, HEXZ archive or VeridianOS snapshot or migration stream \
+                             (unknown magic bytes)",
+                        ))
+                    }
                 }
             }
         }
@@ -264,6 +273,18 @@ impl Catalog {
                 let times = image.file().times();
                 let dir = self.dir(ROOT, &name, times);
                 self.add_qcow2(dir, &image, times);
+            }
+            Format::VeridianSnapshot | Format::VeridianMigration => {
+                let file = Arc::new(FileSource::open_image(path, rules)?);
+                let tree = match fmt {
+                    Format::VeridianSnapshot => format::veridian::vmsn::open(file.clone())?,
+                    _ => format::veridian::migration::open(file.clone())?,
+                };
+                access = Access::of(&file, []);
+                let name = self.unique_root_name(path);
+                let times = file.times();
+                let dir = self.dir(ROOT, &name, times);
+                self.add_tree(dir, tree, times);
             }
             Format::Hexz => {
                 let archive = hexz::open_hexz(path, cache, passwords, rules)?;
@@ -399,6 +420,28 @@ impl Catalog {
 }
 
 impl Catalog {
+    /// Lays out a format's tree under `dir`.
+    fn add_tree(&mut self, dir: Ino, tree: Tree, times: Times) {
+        let Tree::Dir(entries) = tree else { return };
+        for (name, entry) in entries {
+            match entry {
+                Tree::Dir(_) => {
+                    let sub = self.dir(dir, &name, times);
+                    self.add_tree(sub, entry, times);
+                }
+                Tree::View(v) => {
+                    self.add(dir, Some(&name), Content::View(v), times);
+                }
+                Tree::Bytes(b) => {
+                    self.add(dir, Some(&name), Content::Bytes(b.into()), times);
+                }
+                Tree::Lazy(make) => {
+                    self.add(dir, Some(&name), Content::Lazy(Lazy { make, bytes: OnceLock::new() }), times);
+                }
+            }
+        }
+    }
+
     /// `partitions/N.raw` beside the disk view `disk` in `dir`, one slice
     /// view per partition of its table (sharing the disk's cache), and their
     /// list for info.json. `what` names the disk in log lines.

@@ -37,7 +37,9 @@ fn select(catalog: &Catalog, source: &Path, snapshot: Option<&str>) -> Result<Ar
     let top = catalog.children(snapmount::catalog::ROOT);
     let image = top.first().ok_or_else(|| anyhow!("{}: nothing to export", source.display()))?;
     let path = match snapshot {
-        None => format!("{image}/disk.raw"),
+        // A disk, or the guest memory of a VM snapshot.
+        None if catalog.resolve(&format!("{image}/disk.raw")).is_some() => format!("{image}/disk.raw"),
+        None => format!("{image}/memory.raw"),
         Some(snap) => {
             let info = catalog
                 .resolve(&format!("{image}/info.json"))

@@ -2,6 +2,7 @@
 
 pub mod hexz;
 pub mod qcow2;
+pub mod veridian;
 mod zstd;
 
 use std::path::{Path, PathBuf};
@@ -22,15 +23,28 @@ pub const MAX_CHAIN_DEPTH: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
+    /// qcow2, and qcow version 1 (one magic, told apart by the version).
     Qcow2,
     Hexz,
+    VeridianSnapshot,
+    VeridianMigration,
 }
+
+/// Every format snapmount reads, by the first four bytes of its files.
+const MAGICS: [([u8; 4], Format); 4] = [
+    (qcow2::MAGIC, Format::Qcow2),
+    (hexz::MAGIC, Format::Hexz),
+    (veridian::vmsn::MAGIC, Format::VeridianSnapshot),
+    (veridian::migration::MAGIC, Format::VeridianMigration),
+];
 
 impl Format {
     pub fn name(self) -> &'static str {
         match self {
             Format::Qcow2 => "qcow2",
             Format::Hexz => "hexz",
+            Format::VeridianSnapshot => "veridian-vmsn",
+            Format::VeridianMigration => "veridian-migration",
         }
     }
 }
@@ -39,11 +53,7 @@ impl Format {
 pub fn probe(file: &FileSource) -> Result<Option<Format>> {
     let mut magic = [0u8; 4];
     file.read_at(&mut magic, 0)?;
-    Ok(match magic {
-        qcow2::MAGIC => Some(Format::Qcow2),
-        hexz::MAGIC => Some(Format::Hexz),
-        _ => None,
-    })
+    Ok(MAGICS.iter().find(|(m, _)| *m == magic).map(|&(_, f)| f))
 }
 
 /// Supplies the password of an encrypted image or archive (asked once per
