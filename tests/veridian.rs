@@ -330,7 +330,10 @@ fn random_snapshots_and_streams_read_back_exactly() {
         }
         for (k, (n, d)) in devices.iter().enumerate() {
             let escaped = String::from_utf8_lossy(n).replace('/', "%2F").replace('\u{FFFD}', "%FF");
-            let escaped = if escaped.starts_with('.') { format!("%2E{}", &escaped[1..]) } else { escaped };
+            let escaped = match escaped.strip_prefix('.') {
+                Some(rest) => format!("%2E{rest}"),
+                None => escaped,
+            };
             want.insert(format!("devices/{k}-{escaped}.bin"), d.clone());
         }
         expected.push((name, want));
