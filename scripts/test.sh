@@ -36,9 +36,9 @@ if [ ! -c /dev/fuse ]; then
     echo "/dev/fuse is missing: load the fuse module (modprobe fuse); the mount tests need it" >&2
     exit 1
 fi
-command -v cargo >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
-
+# rustup puts cargo in ~/.cargo/bin, which a root shell's PATH may lack.
 export PATH="$PATH:$HOME/.cargo/bin"
+command -v cargo >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
 
 export SNAPMOUNT_HEXZ="$PWD/target/tools/bin/hexz"
 if ! "$SNAPMOUNT_HEXZ" --version 2>/dev/null | grep -qx 'hexz 0\.8\.2'; then
