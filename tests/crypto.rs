@@ -107,12 +107,6 @@ fn password_file(dir: &Path, name: &str, pw: &str) -> String {
     f.display().to_string()
 }
 
-fn seed() -> u64 {
-    let seed = std::env::var("SNAPMOUNT_TEST_SEED").map_or(5, |s| s.parse().expect("SNAPMOUNT_TEST_SEED is a number"));
-    eprintln!("seed {seed} (SNAPMOUNT_TEST_SEED)");
-    seed
-}
-
 /// Every cipher, mode, IV generator and hash QEMU's LUKS creates, read back
 /// byte for byte; info.json names the settings as `qemu-img info` does.
 const LUKS_SETTINGS: &[&str] = &[
@@ -153,7 +147,7 @@ fn luks_opts(setting: &str) -> String {
 #[test]
 fn every_luks_setting_reads_back_as_qemu_reads_it() {
     preflight();
-    let seed = seed();
+    let seed = test_seed(5);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let mut rng = Rng::new(seed);
@@ -201,7 +195,7 @@ fn every_luks_setting_reads_back_as_qemu_reads_it() {
 #[test]
 fn luks_and_aes_in_every_layout_with_snapshots() {
     preflight();
-    let seed = seed();
+    let seed = test_seed(5);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let mut rng = Rng::new(seed);
@@ -264,7 +258,7 @@ fn luks_and_aes_in_every_layout_with_snapshots() {
 #[test]
 fn a_chain_with_a_password_per_layer() {
     preflight();
-    let seed = seed();
+    let seed = test_seed(5);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let mut rng = Rng::new(seed);
@@ -419,7 +413,7 @@ fn refusals_name_the_image() {
 #[test]
 fn randomized_encrypted_images_match_qemu() {
     preflight();
-    let seed = seed();
+    let seed = test_seed(5);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let mut rng = Rng::new(seed);

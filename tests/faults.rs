@@ -18,26 +18,12 @@ use fuser::{
 mod common;
 use common::*;
 
-fn seed() -> u64 {
-    let seed = std::env::var("SNAPMOUNT_TEST_SEED").map_or(11, |s| s.parse().expect("SNAPMOUNT_TEST_SEED is a number"));
-    eprintln!("seed {seed} (SNAPMOUNT_TEST_SEED)");
-    seed
-}
-
 /// An image of `size` MiB with random data everywhere (64 KiB clusters).
 fn full_image(dir: &Path, name: &str, mib: u64, seed: u64) -> PathBuf {
     let src = dir.join(format!("{name}.src"));
     gen_data(&src, mib * MIB, seed);
     let img = dir.join(name);
-    qemu_img(&[
-        OsStr::new("convert"),
-        "-f".as_ref(),
-        "raw".as_ref(),
-        "-O".as_ref(),
-        "qcow2".as_ref(),
-        src.as_os_str(),
-        img.as_os_str(),
-    ]);
+    raw_to_qcow2(&src, &img);
     img
 }
 
@@ -82,8 +68,8 @@ fn sha256(path: &Path) -> String {
 fn an_image_truncated_under_a_live_mount_fails_only_the_lost_reads() {
     preflight();
     let tmp = tempfile::tempdir().unwrap();
-    let img = full_image(tmp.path(), "t.qcow2", 8, seed());
-    let other = full_image(tmp.path(), "other.qcow2", 2, seed() + 1);
+    let img = full_image(tmp.path(), "t.qcow2", 8, test_seed(11));
+    let other = full_image(tmp.path(), "other.qcow2", 2, test_seed(11) + 1);
     let expected = tmp.path().join("t.raw");
     oracle_raw(&img, &expected);
     let expected = std::fs::read(&expected).unwrap();
@@ -183,7 +169,7 @@ impl Filesystem for FaultyFs {
 fn storage_read_errors_fail_only_the_reads_that_meet_them() {
     preflight();
     let tmp = tempfile::tempdir().unwrap();
-    let img = full_image(tmp.path(), "real.qcow2", 8, seed());
+    let img = full_image(tmp.path(), "real.qcow2", 8, test_seed(11));
     let expected = tmp.path().join("real.raw");
     oracle_raw(&img, &expected);
     let expected = std::fs::read(&expected).unwrap();
@@ -225,7 +211,7 @@ fn storage_read_errors_fail_only_the_reads_that_meet_them() {
 fn a_daemon_killed_under_load_recovers_with_umount_and_remount() {
     preflight();
     let tmp = tempfile::tempdir().unwrap();
-    let img = full_image(tmp.path(), "k.qcow2", 16, seed());
+    let img = full_image(tmp.path(), "k.qcow2", 16, test_seed(11));
     let expected = tmp.path().join("k.raw");
     oracle_raw(&img, &expected);
     let expected = Arc::new(std::fs::read(&expected).unwrap());
@@ -238,7 +224,7 @@ fn a_daemon_killed_under_load_recovers_with_umount_and_remount() {
         .map(|t| {
             let (disk, expected) = (disk.clone(), expected.clone());
             std::thread::spawn(move || {
-                let mut rng = Rng::new(seed() * 100 + t);
+                let mut rng = Rng::new(test_seed(11) * 100 + t);
                 for _ in 0..100_000 {
                     let len = rng.range(1, 256 * 1024);
                     let at = rng.below(expected.len() as u64 - len);
@@ -279,7 +265,7 @@ fn a_daemon_killed_under_load_recovers_with_umount_and_remount() {
 #[test]
 fn sixteen_threads_over_every_kind_of_view_through_a_small_cache() {
     preflight();
-    let seed = seed();
+    let seed = test_seed(11);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     gen_data(&dir.join("base.raw"), 24 * MIB, seed);

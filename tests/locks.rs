@@ -74,19 +74,13 @@ fn random_writes(img: &Path, mib: u64, seed: u64, count: usize) {
     qemu_io(img, &cmds);
 }
 
-fn seed() -> u64 {
-    let seed = std::env::var("SNAPMOUNT_TEST_SEED").map_or(7, |s| s.parse().expect("SNAPMOUNT_TEST_SEED is a number"));
-    eprintln!("seed {seed} (SNAPMOUNT_TEST_SEED)");
-    seed
-}
-
 /// A running writer keeps mount, info and export out, each with one line
 /// naming the image and --force-share; with --force-share the snapshots stay
 /// exact while the writer writes, and the current disk fails once changed.
 #[test]
 fn a_writer_keeps_snapmount_out_and_force_share_never_mixes() {
     preflight();
-    let seed = seed();
+    let seed = test_seed(7);
     let tmp = tempfile::tempdir().unwrap();
     let img = tmp.path().join("live.qcow2");
     create_qcow2(&img, "16M", "cluster_size=65536", None);
@@ -179,7 +173,7 @@ fn a_mounted_image_keeps_qemu_writers_out() {
 #[test]
 fn force_share_stops_serving_a_deleted_snapshot() {
     preflight();
-    let seed = seed();
+    let seed = test_seed(7);
     let tmp = tempfile::tempdir().unwrap();
     let img = tmp.path().join("s.qcow2");
     create_qcow2(&img, "16M", "cluster_size=4096", None);

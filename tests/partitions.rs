@@ -11,12 +11,6 @@ use std::path::{Path, PathBuf};
 mod common;
 use common::*;
 
-fn sh(dir: &Path, script: &str) -> String {
-    let o = exec("bash", &["-euo", "pipefail", "-c", script], Some(dir), DEFAULT_TIMEOUT);
-    assert!(o.success(), "{}", o.describe());
-    o.stdout
-}
-
 /// (number, start, size) in bytes of each partition of a raw disk, as
 /// util-linux's sfdisk reports them (the extended container left out, as
 /// the kernel serves it as a 1 KiB stub and snapmount not at all).
@@ -66,7 +60,7 @@ fn check_partitions(view_dir: &Path, info: &serde_json::Value, raw: &Path) {
 /// rest; and a 64 MiB MBR disk with two primaries, an extended partition
 /// and three logical ones (ext4 in the first logical).
 fn make_disks(dir: &Path) {
-    sh(
+    bash(
         dir,
         r#"
         fill() {  # fill DISK START_SECTORS SIZE_SECTORS ext4|vfat: a filesystem with a file
@@ -118,7 +112,7 @@ fn gpt_and_mbr_partitions_in_active_snapshot_and_backing_views() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     make_disks(dir);
-    sh(
+    bash(
         dir,
         r#"
         for t in gpt mbr; do
@@ -218,15 +212,7 @@ fn damaged_tables() {
     let names = ["gpt-bad-primary.raw", "mbr-loop.raw", "mbr-past.raw"];
     for n in names {
         let qcow = dir.join(n.replace(".raw", ".qcow2"));
-        qemu_img(&[
-            OsStr::new("convert"),
-            "-f".as_ref(),
-            "raw".as_ref(),
-            "-O".as_ref(),
-            "qcow2".as_ref(),
-            dir.join(n).as_os_str(),
-            qcow.as_os_str(),
-        ]);
+        raw_to_qcow2(&dir.join(n), &qcow);
     }
     let sources: Vec<_> = names.iter().map(|n| dir.join(n.replace(".raw", ".qcow2"))).collect();
     let m = Mount::new(&sources, &dir.join("mnt"));

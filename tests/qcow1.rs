@@ -2,21 +2,8 @@
 //! backing chains with raw and qcow2 images (either way round), mounted and
 //! compared with `qemu-img convert -O raw`.
 
-use std::path::Path;
-
 mod common;
 use common::*;
-
-fn seed() -> u64 {
-    let seed = std::env::var("SNAPMOUNT_TEST_SEED").map_or(3, |s| s.parse().expect("SNAPMOUNT_TEST_SEED is a number"));
-    eprintln!("seed {seed} (SNAPMOUNT_TEST_SEED)");
-    seed
-}
-
-fn sh(dir: &Path, script: &str) {
-    let o = exec("bash", &["-euo", "pipefail", "-c", script], Some(dir), DEFAULT_TIMEOUT);
-    assert!(o.success(), "{}", o.describe());
-}
 
 /// Random writes over the first 7 MiB (images made with a backing file
 /// have 512-byte clusters, the others 4 KiB) as qemu-io commands: compressed
@@ -45,14 +32,14 @@ fn writes(rng: &mut Rng, n: usize, cluster: Option<u64>) -> String {
 #[test]
 fn qcow_version_1_reads_back_as_qemu_reads_it() {
     preflight();
-    let seed = seed();
+    let seed = test_seed(3);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let mut rng = Rng::new(seed);
     gen_data(&dir.join("src.raw"), 6 * MIB, seed);
     let s = "--object secret,id=s0,data=v1-password";
     let aes = "driver=qcow,file.filename=aes.qcow,encrypt.key-secret=s0";
-    sh(
+    bash(
         dir,
         &format!(
             r#"

@@ -12,12 +12,6 @@ use std::path::Path;
 mod common;
 use common::*;
 
-fn seed() -> u64 {
-    let seed = std::env::var("SNAPMOUNT_TEST_SEED").map_or(9, |s| s.parse().expect("SNAPMOUNT_TEST_SEED is a number"));
-    eprintln!("seed {seed} (SNAPMOUNT_TEST_SEED)");
-    seed
-}
-
 fn bytes(rng: &mut Rng, n: impl TryInto<usize>) -> Vec<u8> {
     let n = n.try_into().ok().unwrap();
     (0..n).map(|_| rng.next_u64() as u8).collect()
@@ -215,7 +209,7 @@ fn golden_vectors() {
 #[test]
 fn random_snapshots_and_streams_read_back_exactly() {
     preflight();
-    let seed = seed();
+    let seed = test_seed(9);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let mut rng = Rng::new(seed);

@@ -901,3 +901,33 @@ pub fn check_thoroughly(got: &Path, img: &Path, scratch: &Path, seed: u64, reads
     let _ = std::fs::remove_file(&exp);
     r
 }
+
+/// The seed of a randomized test: SNAPMOUNT_TEST_SEED, else `default`;
+/// printed, so that a failure can be run again.
+pub fn test_seed(default: u64) -> u64 {
+    let seed =
+        std::env::var("SNAPMOUNT_TEST_SEED").map_or(default, |s| s.parse().expect("SNAPMOUNT_TEST_SEED is a number"));
+    eprintln!("seed {seed} (SNAPMOUNT_TEST_SEED)");
+    seed
+}
+
+/// Runs a bash script (`-euo pipefail`) in `dir`; panics with its output
+/// when it fails; returns its stdout.
+pub fn bash(dir: &Path, script: &str) -> String {
+    let o = exec("bash", &["-euo", "pipefail", "-c", script], Some(dir), DEFAULT_TIMEOUT);
+    assert!(o.success(), "{}", o.describe());
+    o.stdout
+}
+
+/// `qemu-img convert -f raw -O qcow2 RAW QCOW2`.
+pub fn raw_to_qcow2(raw: &Path, qcow2: &Path) {
+    qemu_img(&[
+        OsStr::new("convert"),
+        "-f".as_ref(),
+        "raw".as_ref(),
+        "-O".as_ref(),
+        "qcow2".as_ref(),
+        raw.as_os_str(),
+        qcow2.as_os_str(),
+    ]);
+}

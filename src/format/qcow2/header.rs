@@ -112,6 +112,33 @@ impl Header {
         1u64 << (self.l2_bits + self.cluster_bits)
     }
 
+    /// A header with nothing in it but its version and cluster size (and
+    /// the L2 size that follows in qcow2); `parse` fills in the rest.
+    fn plain(version: u32, cluster_bits: u32) -> Header {
+        Header {
+            version,
+            cluster_bits,
+            l2_bits: cluster_bits - 3,
+            size: 0,
+            crypt_method: 0,
+            l1_size: 0,
+            l1_table_offset: 0,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible: 0,
+            compatible: 0,
+            autoclear: 0,
+            refcount_order: 4,
+            header_length: 72,
+            compression: Compression::Deflate,
+            backing_file: None,
+            backing_format: None,
+            data_file: None,
+            fde: None,
+            feature_names: Vec::new(),
+        }
+    }
+
     /// Parses and validates the header. `first` holds the start of the file:
     /// at least the whole first cluster, or the whole file if shorter.
     pub fn parse(path: &Path, first: &[u8]) -> Result<Header> {
@@ -135,26 +162,13 @@ impl Header {
             return Err(bad("truncated header".into()));
         }
         let mut h = Header {
-            version,
-            cluster_bits,
-            l2_bits: cluster_bits - 3,
             size: be64(first, 24),
             crypt_method: be32(first, 32),
             l1_size: be32(first, 36),
             l1_table_offset: be64(first, 40),
             nb_snapshots: be32(first, 60),
             snapshots_offset: be64(first, 64),
-            incompatible: 0,
-            compatible: 0,
-            autoclear: 0,
-            refcount_order: 4,
-            header_length: 72,
-            compression: Compression::Deflate,
-            backing_file: None,
-            backing_format: None,
-            data_file: None,
-            fde: None,
-            feature_names: Vec::new(),
+            ..Header::plain(version, cluster_bits)
         };
         if version == 3 {
             if first.len() < 104 {
@@ -297,26 +311,13 @@ impl Header {
             return Err(bad("L1 table too large".into()));
         }
         let mut h = Header {
-            version: 1,
-            cluster_bits,
             l2_bits,
             size,
             crypt_method: be32(first, 36),
             l1_size: l1_size as u32,
             l1_table_offset: be64(first, 40),
-            nb_snapshots: 0,
-            snapshots_offset: 0,
-            incompatible: 0,
-            compatible: 0,
-            autoclear: 0,
-            refcount_order: 4,
             header_length: 48,
-            compression: Compression::Deflate,
-            backing_file: None,
-            backing_format: None,
-            data_file: None,
-            fde: None,
-            feature_names: Vec::new(),
+            ..Header::plain(1, cluster_bits)
         };
         if h.crypt_method > 1 {
             return Err(bad(format!("unknown encryption method {}", h.crypt_method)));
