@@ -24,6 +24,8 @@ const PASSWORD: &str = include_str!("../../tests/fixtures/hexz/password.txt");
 const READS_PER_VIEW: u64 = 48;
 /// The block cache: small, so that eviction paths run too.
 const CACHE: u64 = 8 << 20;
+/// Nodes whose views are read (the rest are only stat'ed).
+const NODES_READ: u64 = 256;
 /// Extents walked per view (`stat`'s allocated size, SEEK_DATA/SEEK_HOLE).
 const WALK_STEPS: u64 = 4096;
 
@@ -83,8 +85,16 @@ pub fn exercise(magic: &[u8], data: &[u8]) {
         return;
     };
     let mut buf = vec![0u8; 64 << 10];
+    // Every node is stat'ed; the first ones (an image's own views come
+    // first, then its snapshots in table order) are read too: an input
+    // with thousands of snapshots is then as fast per input as one with a
+    // few, and the one-second budget measures the code, not the harness.
     for ino in 1..=catalog.len() as u64 {
         let Some(node) = catalog.node(ino) else { continue };
+        if ino > NODES_READ {
+            let _ = node.size();
+            continue;
+        }
         let _ = node.size();
         let _ = node.allocated();
         match &node.content {

@@ -17,7 +17,11 @@ const DIGEST_LEN: usize = 20;
 /// PBKDF2 iterations accepted per slot or digest: QEMU calibrates about two
 /// seconds' worth (8 million SHA-256 rounds on a fast core); a hostile header
 /// must not make the mount spin for hours.
+#[cfg(not(fuzzing))]
 pub const MAX_ITERATIONS: u32 = 1 << 27;
+/// Fuzzing: key derivations within the one-second budget per input.
+#[cfg(fuzzing)]
+pub const MAX_ITERATIONS: u32 = 1 << 14;
 /// Key material of one slot: QEMU writes key_bytes × 4000 stripes (256 KiB
 /// for a 64-byte key); anything far beyond is refused before allocation.
 const MAX_MATERIAL: u64 = 16 << 20;
