@@ -50,6 +50,11 @@ fn cost(len: usize) -> usize {
 }
 const SHARDS: usize = 32;
 const MIN_SHARD_BYTES: u64 = 8 << 20;
+/// The smallest cache that keeps a large-block slot (see `BlockCache`), and
+/// the most set aside for it: the cost of a 64 MiB block, the largest hexz
+/// writes.
+const LARGE_FROM: u64 = 256 << 20;
+const LARGE_SLOT: u64 = 80 << 20;
 /// The smallest cache `--cache-size` accepts.
 pub const MIN_CAPACITY: u64 = 16 << 20;
 
@@ -61,6 +66,12 @@ struct Shard {
 pub struct BlockCache {
     shards: Box<[Mutex<Shard>]>,
     shard_capacity: usize,
+    /// The most recent block too large for a shard's share (HEXZ chunks
+    /// reach 64 MiB): kept alone, so that reads within one such block
+    /// decode it once. Only in a cache of `LARGE_FROM` or more, which sets
+    /// a quarter of its bytes (at most `LARGE_SLOT`) aside for it.
+    large: Mutex<Option<(BlockKey, Arc<[u8]>)>>,
+    large_capacity: usize,
     hasher: std::collections::hash_map::RandomState,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -71,10 +82,14 @@ impl BlockCache {
     pub fn new(capacity: u64) -> Self {
         // Fewer shards for a small cache, so that a shard still holds the
         // largest blocks (2 MiB clusters and L2 tables) several times over.
+        let large_capacity = if capacity >= LARGE_FROM { (capacity / 4).min(LARGE_SLOT) } else { 0 };
+        let capacity = capacity - large_capacity;
         let count = (capacity / MIN_SHARD_BYTES).clamp(1, SHARDS as u64) as usize;
         let shards = (0..count).map(|_| Mutex::new(Shard { lru: LruCache::unbounded(), bytes: 0 })).collect();
         BlockCache {
             shards,
+            large: Mutex::new(None),
+            large_capacity: large_capacity.min(usize::MAX as u64) as usize,
             shard_capacity: (capacity / count as u64).min(usize::MAX as u64) as usize,
             hasher: Default::default(),
             hits: AtomicU64::new(0),
@@ -87,7 +102,10 @@ impl BlockCache {
     }
 
     pub fn get(&self, key: &BlockKey) -> Option<Arc<[u8]>> {
-        let found = self.shard(key).lock().lru.get(key).cloned();
+        let found = self.shard(key).lock().lru.get(key).cloned().or_else(|| match &*self.large.lock() {
+            Some((k, block)) if k == key => Some(block.clone()),
+            _ => None,
+        });
         let counter = if found.is_some() { &self.hits } else { &self.misses };
         counter.fetch_add(1, Ordering::Relaxed);
         found
@@ -95,10 +113,14 @@ impl BlockCache {
 
     /// Inserts a block, evicting the least recently used ones of its shard
     /// until the shard fits its share of the capacity. A block larger than a
-    /// shard's share is not kept at all.
+    /// shard's share takes the large-block slot if it fits there, else it is
+    /// not kept at all.
     pub fn insert(&self, key: BlockKey, block: Arc<[u8]>) {
         let added = cost(block.len());
         if added > self.shard_capacity {
+            if added <= self.large_capacity {
+                *self.large.lock() = Some((key, block));
+            }
             return;
         }
         let mut shard = self.shard(&key).lock();
@@ -127,7 +149,8 @@ impl BlockCache {
 
     /// What the held blocks cost now (see `cost`).
     pub fn used_bytes(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().bytes).sum()
+        let large = self.large.lock().as_ref().map_or(0, |(_, b)| cost(b.len()));
+        self.shards.iter().map(|s| s.lock().bytes).sum::<usize>() + large
     }
 
     pub fn stats(&self) -> (u64, u64) {
@@ -177,6 +200,22 @@ mod tests {
         assert!(cache.get(&key(1)).is_none());
         let other = BlockKey { kind: BlockKind::Table, ..key(0) };
         assert!(cache.get(&other).is_none(), "kinds must not collide");
+    }
+
+    #[test]
+    fn a_block_too_large_for_a_shard_takes_the_large_slot() {
+        let cache = BlockCache::new(512 << 20);
+        let big = |byte: u8| -> Arc<[u8]> { vec![byte; 64 << 20].into() };
+        cache.insert(key(0), big(1));
+        assert_eq!(cache.get(&key(0)).unwrap()[0], 1);
+        cache.insert(key(1), big(2));
+        assert!(cache.get(&key(0)).is_none(), "one large block at a time");
+        assert_eq!(cache.get(&key(1)).unwrap()[0], 2);
+        for i in 0..200_000u64 {
+            cache.insert(key(1000 + i * 4096), vec![0u8; 4096].into());
+        }
+        assert!(cache.used_bytes() <= 512 << 20, "within the bound: {}", cache.used_bytes());
+        assert!(cache.get(&key(1)).is_some(), "small blocks do not evict it");
     }
 
     #[test]
