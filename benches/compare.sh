@@ -121,7 +121,11 @@ preflight() {
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio; } >"$LOGS/apt.log" 2>&1 \
             || die "cannot install fio (see $LOGS/apt.log)"
     fi
-    HEXZ=$(command -v hexz || echo /root/.cargo/bin/hexz)
+    # hexz-cli 0.8.2 with its FUSE part (for `hexz mount`): HEXZ=..., else
+    # one on PATH, else ~/.cargo/bin; the test command's copy in
+    # target/tools has no FUSE part, enough only when no HEXZ image is read.
+    HEXZ=${HEXZ:-$(command -v hexz || echo /root/.cargo/bin/hexz)}
+    if [[ ! -x $HEXZ && $BENCH_IMAGES != *hexz* ]]; then HEXZ=$REPO/target/tools/bin/hexz; fi
     [[ -x $HEXZ ]] || die "hexz (hexz-cli 0.8.2) is not installed: cargo install hexz-cli --version 0.8.2"
     build
 }
