@@ -112,6 +112,18 @@ fn human(v: &Value) -> String {
                 ));
             }
         }
+    } else if v["format"].as_str().is_some_and(|f| f.starts_with("veridian")) {
+        // Every scalar field as it is; the lists are in --json.
+        for (k, val) in v.as_object().into_iter().flatten() {
+            if !val.is_array() && !val.is_object() && k != "filename" && k != "format" {
+                line(&format!("{}:", k.replace('_', " ")), s(val));
+            }
+        }
+        for list in ["regions", "vcpus", "devices"] {
+            if let Some(items) = v[list].as_array() {
+                line(&format!("{list}:"), format!("{} (see --json)", items.len()));
+            }
+        }
     } else {
         line("version:", s(&v["version"]));
         line("main stream:", size(v["streams"]["main_size"].as_u64().unwrap_or(0)));
