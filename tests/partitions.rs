@@ -235,3 +235,38 @@ fn damaged_tables() {
     let part2 = m.image_dir("mbr-past.qcow2").join("partitions/2.raw");
     assert_eq!(std::fs::metadata(&part2).unwrap().len(), 64 * MIB - 18432 * 512);
 }
+
+/// A GPT written with 4096-byte sectors (a 4Kn disk, here a loop device
+/// with --sector-size 4096): found at byte 4096, offsets in 4 KiB sectors.
+#[test]
+fn gpt_with_4096_byte_sectors() {
+    preflight();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let json = bash(
+        dir,
+        r#"
+        truncate -s 64M g4k.raw
+        l=$(losetup -f --show --sector-size 4096 g4k.raw)
+        printf 'label: gpt\n\nsize=16M, type=L, name=a\ntype=L, name=b\n' | sfdisk -q --no-reread "$l"
+        sfdisk --json "$l"
+        losetup -d "$l"
+        head -c 16M /dev/zero | tr '\0' 'x' | dd of=g4k.raw bs=1M seek=1 conv=notrunc status=none
+        qemu-img convert -c -f raw -O qcow2 g4k.raw g4k.qcow2
+    "#,
+    );
+    let table: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let sector = table["partitiontable"]["sectorsize"].as_u64().unwrap();
+    assert_eq!(sector, 4096);
+    let m = Mount::new(&[dir.join("g4k.qcow2")], &dir.join("mnt"));
+    let listed = m.info("g4k.qcow2")["partitions"].clone();
+    let disk = std::fs::read(dir.join("g4k.raw")).unwrap();
+    let parts = table["partitiontable"]["partitions"].as_array().unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), parts.len());
+    for (i, (p, ours)) in parts.iter().zip(listed.as_array().unwrap()).enumerate() {
+        let (start, size) = (p["start"].as_u64().unwrap() * sector, p["size"].as_u64().unwrap() * sector);
+        assert_eq!((ours["start"].as_u64(), ours["size"].as_u64()), (Some(start), Some(size)), "partition {}", i + 1);
+        let got = std::fs::read(m.image_dir("g4k.qcow2").join(format!("partitions/{}.raw", i + 1))).unwrap();
+        assert!(got[..] == disk[start as usize..(start + size) as usize], "partition {}", i + 1);
+    }
+}

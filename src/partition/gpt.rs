@@ -4,7 +4,7 @@
 
 use tracing::warn;
 
-use super::{Kind, Partition, SECTOR};
+use super::{Kind, Partition};
 use crate::error::Result;
 use crate::view::View;
 
@@ -30,11 +30,11 @@ fn le64(b: &[u8], at: usize) -> u64 {
 
 /// The header at `lba`, if it is one: signature, size, CRC, and where it
 /// says it is.
-fn header(disk: &dyn View, lba: u64) -> Result<Option<Header>> {
-    let mut b = [0u8; SECTOR as usize];
-    disk.read_at(&mut b, lba * SECTOR)?;
+fn header(disk: &dyn View, lba: u64, sector: u64) -> Result<Option<Header>> {
+    let mut b = [0u8; 512];
+    disk.read_at(&mut b, lba * sector)?;
     let size = le32(&b, 12) as usize;
-    if &b[0..8] != SIGNATURE || !(92..=SECTOR as usize).contains(&size) || le64(&b, 24) != lba {
+    if &b[0..8] != SIGNATURE || !(92..=512).contains(&size) || le64(&b, 24) != lba {
         return Ok(None);
     }
     let crc = le32(&b, 16);
@@ -53,35 +53,39 @@ fn header(disk: &dyn View, lba: u64) -> Result<Option<Header>> {
 }
 
 /// The entry array of `h`, if its CRC matches.
-fn entries(disk: &dyn View, h: &Header) -> Result<Option<Vec<u8>>> {
+fn entries(disk: &dyn View, h: &Header, sector: u64) -> Result<Option<Vec<u8>>> {
     let len = h.entries as u64 * h.entry_size as u64;
-    let end = h.entries_lba.checked_mul(SECTOR).and_then(|s| s.checked_add(len));
+    let end = h.entries_lba.checked_mul(sector).and_then(|s| s.checked_add(len));
     if h.entries > MAX_ENTRIES * 4 || end.is_none_or(|e| e > disk.size()) {
         return Ok(None);
     }
     let mut raw = vec![0u8; len as usize];
-    disk.read_at(&mut raw, h.entries_lba * SECTOR)?;
+    disk.read_at(&mut raw, h.entries_lba * sector)?;
     Ok((crc32fast::hash(&raw) == h.entries_crc).then_some(raw))
 }
 
+/// The GPT of `disk`, read with 512-byte sectors, else with 4096-byte ones
+/// (disks of 4Kn drives keep their header at byte 4096).
 pub fn read(disk: &dyn View, what: &str) -> Result<Vec<Partition>> {
-    let last = disk.size() / SECTOR - 1;
     let mut table = None;
-    for (lba, which) in [(1, "primary"), (last, "backup")] {
-        if let Some(h) = header(disk, lba)? {
-            if let Some(raw) = entries(disk, &h)? {
-                if lba != 1 {
-                    warn!("{what}: the primary GPT is damaged; using the backup");
+    'sizes: for sector in [512u64, 4096] {
+        if disk.size() < 2 * sector {
+            break;
+        }
+        let last = disk.size() / sector - 1;
+        for lba in [1, last] {
+            if let Some(h) = header(disk, lba, sector)? {
+                if let Some(raw) = entries(disk, &h, sector)? {
+                    if lba != 1 {
+                        warn!("{what}: the primary GPT is damaged; using the backup");
+                    }
+                    table = Some((h, raw, sector, last));
+                    break 'sizes;
                 }
-                table = Some((h, raw));
-                break;
             }
         }
-        if lba == 1 {
-            tracing::debug!("{what}: no valid {which} GPT");
-        }
     }
-    let Some((h, raw)) = table else {
+    let Some((h, raw, sector, last)) = table else {
         warn!("{what}: protective MBR, but neither GPT header is valid: no partitions");
         return Ok(Vec::new());
     };
@@ -100,8 +104,8 @@ pub fn read(disk: &dyn View, what: &str) -> Result<Vec<Partition>> {
         let name = String::from_utf16_lossy(&name).trim_end_matches('\0').to_string();
         out.push(Partition {
             number: i as u32 + 1,
-            start: first * SECTOR,
-            size: (last_lba - first + 1) * SECTOR,
+            start: first * sector,
+            size: (last_lba - first + 1) * sector,
             kind: Kind::Gpt { type_guid: guid(type_guid), unique_guid: guid(&e[16..32]), name },
         });
     }

@@ -17,7 +17,8 @@ use tracing::warn;
 use crate::error::Result;
 use crate::view::View;
 
-/// Sector size the tables are read with (the loop device's default).
+/// Sector size MBR tables are read with (the loop device's default); GPT
+/// also tries 4096 (`gpt::read`).
 pub const SECTOR: u64 = 512;
 
 /// One partition: kernel number, byte range, and what the table says of it.
