@@ -107,7 +107,7 @@ impl Crypto {
         let Some(d) = &self.decryptor else {
             return Err(Error::corrupt(path, guest, "the image is encrypted and was opened without its password"));
         };
-        let first = if self.by_host { host } else { guest } / SECTOR as u64;
+        let first = (if self.by_host { host } else { guest }) / SECTOR as u64;
         d.decrypt_sectors(buf, first);
         Ok(())
     }
