@@ -259,7 +259,7 @@ mount_tool() {
             # returns once the export is live.
             # The same password for the LUKS image (other images ignore it).
             local encrypt=
-            if [[ $2 == qcow2-luks ]]; then encrypt=,encrypt.key-secret=sec0; fi
+            if [[ $2 == qcow2-luks ]]; then encrypt=,encrypt.format=luks,encrypt.key-secret=sec0; fi
             qemu-storage-daemon --object secret,id=sec0,file="$DATA/luks.pw" \
                 --blockdev driver=file,node-name=file0,filename="$img",read-only=on,cache.direct=off \
                 --blockdev driver=qcow2,node-name=fmt0,file=file0,read-only=on$encrypt \
