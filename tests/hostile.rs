@@ -89,11 +89,12 @@ fn seeds() -> Vec<u64> {
 fn damaged_images_never_panic_or_hang() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
+    // Text, random and zero runs, the same bytes on every run.
+    common::gen_data(&dir.join("rnd.bin"), 2 << 20, 77);
     sh(
         dir,
         r#"
         q() { qemu-io "$@" >/dev/null; }
-        head -c 2M /dev/urandom > rnd.bin
         qemu-img create -q -f qcow2 -o cluster_size=4k base.qcow2 4M
         q -c 'write -P 0x11 0 2M' base.qcow2
         qemu-img create -q -f qcow2 -o cluster_size=4k,compression_type=zstd -b base.qcow2 -F qcow2 zstd.qcow2 4M
@@ -214,10 +215,10 @@ fn exercise_hexz(path: &Path) -> Result<(), String> {
 fn damaged_hexz_archives_never_panic_or_hang() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
+    common::gen_data(&dir.join("rnd.bin"), 1 << 20, 78);
     sh(
         dir,
         r#"
-        head -c 1M /dev/urandom > rnd.bin
         { head -c 300k rnd.bin; head -c 700k < <(yes 'some text that compresses'); head -c 200k /dev/zero; } > disk.raw
         hexz pack -s disk.raw lz4.hxz
         hexz pack -s disk.raw zstd.hxz --compression zstd --workers 1
