@@ -5,6 +5,7 @@
 //! current disk.
 
 use std::ffi::OsStr;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -192,4 +193,37 @@ fn force_share_stops_serving_a_deleted_snapshot() {
     let err = std::fs::read(snaps.join("a/disk.raw")).expect_err("a deleted snapshot must not be served");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert_files_equal(&snaps.join("b/disk.raw"), &b_raw);
+}
+
+/// An image on a block device (a loop device here) under --force-share:
+/// writes do not change a device's times, so the current disk is not
+/// served at all (EIO); its snapshots are, exactly.
+#[test]
+fn force_share_on_a_block_device_serves_snapshots_only() {
+    preflight();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("dev.qcow2");
+    create_qcow2(&img, "8M", "cluster_size=4096", None);
+    random_writes(&img, 7, test_seed(7), 20);
+    qemu_img(&[OsStr::new("snapshot"), OsStr::new("-c"), OsStr::new("s1"), img.as_os_str()]);
+    let snap_raw = tmp.path().join("s1.raw");
+    oracle(&img, Some("s1"), &snap_raw);
+    // A block device holds whole 512-byte sectors: pad the file, as an
+    // image written to a device would be.
+    let len = std::fs::metadata(&img).unwrap().len();
+    File::options().write(true).open(&img).unwrap().set_len(len.div_ceil(512) * 512).unwrap();
+    let dev = run("losetup", &[OsStr::new("-f"), OsStr::new("--show"), OsStr::new("-r"), img.as_os_str()]);
+    let dev = PathBuf::from(dev.trim());
+    struct Detach(PathBuf);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = exec("losetup", &[OsStr::new("-d"), self.0.as_os_str()], None, DEFAULT_TIMEOUT);
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let m = Mount::with_args(&["--force-share"], &[&dev], &tmp.path().join("mnt"));
+    let name = dev.file_name().unwrap().to_str().unwrap();
+    files_equal(&m.image_dir(name).join("snapshots/s1/disk.raw"), &snap_raw).unwrap();
+    let err = std::fs::read(m.disk(name)).expect_err("the current disk of a block device is not served");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
 }

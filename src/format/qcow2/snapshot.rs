@@ -59,9 +59,11 @@ pub fn read_table(path: &Path, file: &FileSource, h: &Header) -> Result<Vec<Snap
         if pos >= *buf_start && pos + n <= *buf_start + buf.len() as u64 {
             return Ok(());
         }
-        // QEMU reads zeros there; but a table past the end of the file is
-        // damage, and zeros would make a few bytes claim 65536 snapshots.
-        if pos + n > file.len() {
+        // Past the end of the file QEMU reads zeros, and so does this: the
+        // end of a table can fall past it (an image copied to a block
+        // device rounds its size down to 512). But an entry that starts
+        // there is damage: zeros would let a few bytes claim 65536 snapshots.
+        if pos >= file.len() {
             return Err(Error::open(path, "snapshot table runs past the end of the file"));
         }
         let len = n.max(64 << 10);

@@ -28,6 +28,10 @@ use super::snapshot::{self, Snapshot};
 pub(super) struct Watch {
     /// The image file's and the data file's stamps when they were opened.
     at_open: Vec<Stamp>,
+    /// The image is a block device: its times do not change with writes,
+    /// so a change cannot be seen. The current disk is then not served at
+    /// all, and snapshots are checked on every read.
+    block_device: bool,
     /// The image's stamp when the snapshot table was last found as it was
     /// at open, and which snapshots were still there then.
     checked: Mutex<(Stamp, Vec<bool>)>,
@@ -40,12 +44,21 @@ impl Watch {
         if let Some(d) = data {
             at_open.push(d.stamp()?);
         }
-        Ok(Watch { at_open, checked: Mutex::new((stamp, vec![true; snapshots])) })
+        let block_device = file.mode() & libc::S_IFMT == libc::S_IFBLK
+            || data.is_some_and(|d| d.mode() & libc::S_IFMT == libc::S_IFBLK);
+        Ok(Watch { at_open, block_device, checked: Mutex::new((stamp, vec![true; snapshots])) })
     }
 
     /// Fails when the image or its data file changed since they were opened
     /// (`files`: the image, then the data file if any, as given to `new`).
     pub(super) fn check_active(&self, path: &Path, files: &[&FileSource]) -> Result<()> {
+        if self.block_device {
+            return Err(Error::open(
+                path,
+                "on a block device a change cannot be seen, so with --force-share its current disk is not \
+                 served; snapshots are",
+            ));
+        }
         for (i, (file, then)) in files.iter().zip(&self.at_open).enumerate() {
             if file.stamp()? != *then {
                 let what = if i == 0 { "the image" } else { "its data file" };
@@ -66,7 +79,7 @@ impl Watch {
     pub(super) fn check_snapshot(&self, file: &FileSource, snapshots: &[Snapshot], index: usize) -> Result<()> {
         let now = file.stamp()?;
         let mut checked = self.checked.lock();
-        if checked.0 != now {
+        if checked.0 != now || self.block_device {
             let fresh = file.refreshed()?;
             let table =
                 super::super::read_header(&fresh)
