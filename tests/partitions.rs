@@ -169,10 +169,27 @@ fn partitions_of_hexz_archives() {
     for t in ["gpt", "mbr"] {
         run_in(Some(dir), hexz.to_str().unwrap(), &["pack", "-s", &format!("{t}.raw"), &format!("{t}.hxz")]);
     }
-    let m = Mount::new(&[dir.join("gpt.hxz"), dir.join("mbr.hxz")], &dir.join("mnt"));
+    // A thin child of the GPT archive, repartitioned: its own table, and
+    // the parent's under backing/.
+    bash(
+        dir,
+        r#"
+        cp gpt.raw child.raw
+        sfdisk -q --delete child.raw 3
+        printf 'size=20M, type=L, name=child\n' | sfdisk -q --append child.raw
+        "#,
+    );
+    run_in(Some(dir), hexz.to_str().unwrap(), &["pack", "-s", "child.raw", "child.hxz", "--base", "gpt.hxz"]);
+    let m = Mount::new(&[dir.join("gpt.hxz"), dir.join("mbr.hxz"), dir.join("child.hxz")], &dir.join("mnt"));
     check_partitions(&m.image_dir("gpt.hxz"), &m.info("gpt.hxz"), &dir.join("gpt.raw"));
     check_partitions(&m.image_dir("mbr.hxz"), &m.info("mbr.hxz"), &dir.join("mbr.raw"));
     loop_mount_reads(&m.image_dir("mbr.hxz").join("partitions/5.raw"), dir, "mbr.raw 36864");
+    let child = m.image_dir("child.hxz");
+    check_partitions(&child, &m.info("child.hxz"), &dir.join("child.raw"));
+    let parent = child.join("backing/1-gpt.hxz");
+    let pinfo: serde_json::Value = serde_json::from_slice(&std::fs::read(parent.join("info.json")).unwrap()).unwrap();
+    check_partitions(&parent, &pinfo, &dir.join("gpt.raw"));
+    loop_mount_reads(&parent.join("partitions/1.raw"), dir, "gpt.raw 2048");
 }
 
 /// Damaged tables: a broken primary GPT (the backup serves, as in the
