@@ -4,6 +4,7 @@
 //! tests and `snapmount export` drive them directly; `fs` adapts the catalog
 //! of views to FUSE.
 
+pub mod bytes;
 pub mod cache;
 pub mod catalog;
 pub mod error;

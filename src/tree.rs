@@ -15,12 +15,17 @@ pub enum Tree {
 }
 
 impl Tree {
-    /// Pretty JSON with a final newline, as every info.json is written.
+    /// A JSON file, written as every info.json is.
     pub fn json(v: &serde_json::Value) -> Tree {
-        let mut text = serde_json::to_vec_pretty(v).expect("a JSON value serializes");
-        text.push(b'\n');
-        Tree::Bytes(text)
+        Tree::Bytes(json_text(v))
     }
+}
+
+/// Pretty JSON with a final newline, as bytes of a file.
+pub fn json_text(v: &serde_json::Value) -> Vec<u8> {
+    let mut text = serde_json::to_vec_pretty(v).expect("JSON values serialize");
+    text.push(b'\n');
+    text
 }
 
 /// Builds a directory, with `~2`, `~3`, ... for names met again.

@@ -7,12 +7,7 @@ use serde_json::{json, Value};
 use crate::format::hexz::HexzArchive;
 use crate::format::qcow2::{Qcow2Image, Snapshot};
 
-/// Pretty JSON with a final newline, as bytes of a file.
-pub fn json_text(v: &Value) -> Vec<u8> {
-    let mut text = serde_json::to_string_pretty(v).expect("JSON values serialize");
-    text.push('\n');
-    text.into_bytes()
-}
+pub use crate::tree::json_text;
 
 pub fn hexz_info(a: &HexzArchive) -> Value {
     let h = a.header();

@@ -5,6 +5,7 @@
 use tracing::warn;
 
 use super::{Kind, Partition};
+use crate::bytes::{le32, le64};
 use crate::error::Result;
 use crate::view::View;
 
@@ -19,13 +20,6 @@ struct Header {
     entries: u32,
     entry_size: u32,
     entries_crc: u32,
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-}
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
 }
 
 /// The header at `lba`, if it is one: signature, size, CRC, and where it

@@ -5,6 +5,7 @@
 use tracing::warn;
 
 use super::{Kind, Partition, SECTOR};
+use crate::bytes::le32;
 use crate::error::Result;
 use crate::view::View;
 
@@ -34,11 +35,7 @@ pub fn primary(sector: &[u8]) -> Option<[Entry; 4]> {
         if raw[0] != 0 && raw[0] != 0x80 {
             return None;
         }
-        *e = Entry {
-            kind: raw[4],
-            start: u32::from_le_bytes(raw[8..12].try_into().unwrap()) as u64,
-            sectors: u32::from_le_bytes(raw[12..16].try_into().unwrap()) as u64,
-        };
+        *e = Entry { kind: raw[4], start: le32(raw, 8) as u64, sectors: le32(raw, 12) as u64 };
     }
     Some(out)
 }

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use crate::bytes::{be32, be64};
 use crate::error::{Error, Result};
 
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -79,14 +80,6 @@ pub struct Header {
     pub fde: Option<(u64, u64)>,
     /// (type, bit, name) from the feature-name table, for messages.
     pub feature_names: Vec<(u8, u8, String)>,
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
 
 impl Header {

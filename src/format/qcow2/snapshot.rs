@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use crate::bytes::{be16, be32, be64};
 use crate::error::{Error, Result};
 use crate::io::FileSource;
 
@@ -31,16 +32,6 @@ pub struct Snapshot {
     /// Why this snapshot's L1 table cannot be used (its views then fail
     /// their reads; the image and its other snapshots still work, as in QEMU).
     pub l1_error: Option<String>,
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes(b[at..at + 2].try_into().unwrap())
-}
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
-}
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
 
 /// Reads the whole table. The table's length is not stored, so it is read in

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use serde_json::json;
 use tracing::warn;
 
+use crate::bytes::le32;
 use crate::catalog::names;
 use crate::error::{Error, Result};
 use crate::io::FileSource;
@@ -19,10 +20,6 @@ pub const MAGIC: [u8; 4] = *b"IMEQ";
 const HEADER: u64 = 24;
 /// Entries listed at most per section (each is a file in the mount).
 const MAX_ENTRIES: u32 = 1 << 16;
-
-fn le32(b: &[u8]) -> u32 {
-    u32::from_le_bytes(b[..4].try_into().unwrap())
-}
 
 /// Walks length-prefixed entries of a section held in the file from
 /// `start` to `end`.
@@ -40,7 +37,7 @@ impl Section<'_> {
         let mut b = [0u8; 4];
         self.file.read_at(&mut b, self.pos)?;
         self.pos += 4;
-        Ok(Some(le32(&b)))
+        Ok(Some(le32(&b, 0)))
     }
 
     /// `len` bytes from here: their offset, if the section holds them.
@@ -62,7 +59,7 @@ pub fn open(file: Arc<FileSource>) -> Result<Tree> {
     }
     let mut h = [0u8; HEADER as usize];
     file.read_at(&mut h, 0)?;
-    let field = |i: usize| le32(&h[4 * i..]);
+    let field = |i: usize| le32(&h, 4 * i);
     let (version, vm_size, dev_size, device_count, flags) = (field(1), field(2), field(3), field(4), field(5));
     if version != 3 {
         return Err(bad(format!("version {version}; only version 3 is read")));
@@ -77,7 +74,7 @@ pub fn open(file: Arc<FileSource>) -> Result<Tree> {
     }
     let mut fixed = [0u8; 20];
     file.read_at(&mut fixed, HEADER)?;
-    let num_vcpus = le32(&fixed);
+    let num_vcpus = le32(&fixed, 0);
     let memory_size = u64::from_le_bytes(fixed[4..12].try_into().unwrap());
     let memory_hash = u64::from_le_bytes(fixed[12..20].try_into().unwrap());
 

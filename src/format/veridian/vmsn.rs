@@ -9,6 +9,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use tracing::warn;
 
+use crate::bytes::{le32, le64};
 use crate::error::{Error, Result};
 use crate::io::FileSource;
 use crate::tree::{DirBuilder, Tree};
@@ -32,13 +33,6 @@ struct Region {
     vcpu: u32,
     offset: u64,
     size: u64,
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-}
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
 }
 
 fn kind_name(kind: u32) -> &'static str {
@@ -169,9 +163,7 @@ pub fn open(file: Arc<FileSource>) -> Result<Tree> {
                             Ok(()) => decode(&bytes),
                             Err(e) => json!({"error": e.to_string()}),
                         };
-                        let mut text = serde_json::to_vec_pretty(&v).expect("JSON");
-                        text.push(b'\n');
-                        text
+                        crate::tree::json_text(&v)
                     };
                     dir.add(json_name.trim_end_matches(".json"), ".json", Tree::Lazy(Box::new(make)));
                 }

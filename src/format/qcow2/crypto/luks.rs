@@ -6,6 +6,8 @@
 use serde::Serialize;
 use zeroize::Zeroizing;
 
+use crate::bytes::{be16, be32};
+
 use super::sector::{Cipher, IvGen, Mode, SectorCipher, SECTOR};
 
 const MAGIC: [u8; 6] = [b'L', b'U', b'K', b'S', 0xBA, 0xBE];
@@ -185,15 +187,14 @@ impl LuksHeader {
         if b.len() < HEADER_LEN || b[0..6] != MAGIC {
             return Err("LUKS header: bad magic".into());
         }
-        let be32 = |at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
-        match u16::from_be_bytes([b[6], b[7]]) {
+        match be16(b, 6) {
             1 => {}
             2 => return Err("LUKS version 2 is not supported (QEMU does not support it inside qcow2 either)".into()),
             v => return Err(format!("LUKS header: unknown version {v}")),
         }
         let (cipher, mode_spec, hash_spec) = (c_string(&b[8..40]), c_string(&b[40..72]), c_string(&b[72..104]));
-        let payload_offset = be32(104) as u64;
-        let key_bytes = be32(108);
+        let payload_offset = be32(b, 104) as u64;
+        let key_bytes = be32(b, 108);
         let hash = Hash::parse(&hash_spec).ok_or(format!("LUKS hash '{hash_spec}' is not supported"))?;
         let (mode_name, iv_spec) =
             mode_spec.split_once('-').ok_or(format!("LUKS cipher mode '{mode_spec}' has no IV generator"))?;
@@ -220,30 +221,32 @@ impl LuksHeader {
         if key_bytes == 0 || key_bytes > 64 || Cipher::new(&cipher, &probe).is_none() {
             return Err(format!("LUKS cipher {cipher}-{mode_spec} with a {}-bit key is not supported", key_bytes * 8));
         }
-        if mode == Mode::Xts && (key_bytes % 2 != 0 || Cipher::new(&cipher, &probe).unwrap().block_size() != 16) {
+        if mode == Mode::Xts
+            && (!key_bytes.is_multiple_of(2) || Cipher::new(&cipher, &probe).unwrap().block_size() != 16)
+        {
             return Err(format!("LUKS cipher {cipher}-{mode_spec}: XTS needs a 128-bit block cipher and two keys"));
         }
         if payload_offset.saturating_mul(SECTOR as u64) > area_len {
             return Err("LUKS header: payload offset past the encryption header area".into());
         }
-        let mk_iterations = be32(164);
+        let mk_iterations = be32(b, 164);
         if mk_iterations == 0 || mk_iterations > MAX_ITERATIONS {
             return Err(format!("LUKS header: {mk_iterations} master key digest iterations"));
         }
         let mut slots = Vec::with_capacity(SLOTS);
         for i in 0..SLOTS {
             let at = 208 + 48 * i;
-            let active = match be32(at) {
+            let active = match be32(b, at) {
                 SLOT_ACTIVE => true,
                 SLOT_INACTIVE => false,
                 x => return Err(format!("LUKS key slot {i}: bad state {x:#x}")),
             };
             let slot = Slot {
                 active,
-                iterations: be32(at + 4),
+                iterations: be32(b, at + 4),
                 salt: b[at + 8..at + 40].try_into().unwrap(),
-                key_offset: be32(at + 40),
-                stripes: be32(at + 44),
+                key_offset: be32(b, at + 40),
+                stripes: be32(b, at + 44),
             };
             if slot.stripes == 0 {
                 return Err(format!("LUKS key slot {i}: no stripes"));
