@@ -29,6 +29,8 @@ pub enum BlockKind {
     /// A compressed qcow2 cluster of this many stored bytes, decompressed
     /// (two entries naming one offset with different sizes stay apart).
     Cluster { stored: u64 },
+    /// A chunk of a remote object, as stored (see `io::remote`).
+    Remote,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -64,6 +66,7 @@ struct Shard {
 }
 
 pub struct BlockCache {
+    capacity: u64,
     shards: Box<[Mutex<Shard>]>,
     shard_capacity: usize,
     /// The most recent block too large for a shard's share (HEXZ chunks
@@ -82,11 +85,13 @@ impl BlockCache {
     pub fn new(capacity: u64) -> Self {
         // Fewer shards for a small cache, so that a shard still holds the
         // largest blocks (2 MiB clusters and L2 tables) several times over.
+        let total = capacity;
         let large_capacity = if capacity >= LARGE_FROM { (capacity / 4).min(LARGE_SLOT) } else { 0 };
         let capacity = capacity - large_capacity;
         let count = (capacity / MIN_SHARD_BYTES).clamp(1, SHARDS as u64) as usize;
         let shards = (0..count).map(|_| Mutex::new(Shard { lru: LruCache::unbounded(), bytes: 0 })).collect();
         BlockCache {
+            capacity: total,
             shards,
             large: Mutex::new(None),
             large_capacity: large_capacity.min(usize::MAX as u64) as usize,
@@ -145,6 +150,11 @@ impl BlockCache {
         let block = load()?;
         self.insert(key, block.clone());
         Ok(block)
+    }
+
+    /// The bound it was made with.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
     }
 
     /// What the held blocks cost now (see `cost`).

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::io::{FileSource, Stamp};
+use crate::io::{Source, Stamp};
 
 /// A run of a view's bytes that share one allocation state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,7 +90,7 @@ pub fn allocated_bytes(view: &dyn View, max_steps: u64) -> Result<Option<u64>> {
 /// A raw file as a view: the file's bytes are the disk. Its size is the file
 /// length rounded up to 512, the tail zero-filled, as QEMU does.
 pub struct RawView {
-    source: Arc<FileSource>,
+    source: Arc<Source>,
     size: u64,
     /// With `watched`: the file's stamp when it was opened; reads fail once
     /// it changed.
@@ -98,14 +98,14 @@ pub struct RawView {
 }
 
 impl RawView {
-    pub fn new(source: Arc<FileSource>) -> Self {
+    pub fn new(source: Arc<Source>) -> Self {
         let size = source.len().div_ceil(512) * 512;
         RawView { source, size, at_open: None }
     }
 
     /// A raw file that may change while served (`--force-share`): once it
     /// has, its reads fail rather than mix old and new bytes.
-    pub fn watched(source: Arc<FileSource>) -> Result<Self> {
+    pub fn watched(source: Arc<Source>) -> Result<Self> {
         let at_open = Some(source.stamp()?);
         Ok(RawView { at_open, ..RawView::new(source) })
     }

@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::format::hexz::{self, HexzArchive, PasswordSource, Stream};
 use crate::format::qcow2::{Backing, Qcow2Image};
 use crate::format::{self, Format};
-use crate::io::{FileSource, OpenRules};
+use crate::io::{remote, OpenRules, Source};
 use crate::partition;
 use crate::tree::Tree;
 use crate::view::{self, SliceView, View};
@@ -172,14 +172,17 @@ impl Catalog {
         let mut cat = Catalog { nodes: Vec::new(), describe_only: rules.describe_only };
         cat.add(0, None, Content::Dir(BTreeMap::new()), (now, now, now));
         for source in sources {
-            // Absolute, but not through symlinks: relative backing names
-            // resolve against the path the user gave, as QEMU does.
-            let source = &std::path::absolute(source).map_err(|e| Error::io(source, e))?;
-            let meta = std::fs::metadata(source).map_err(|e| Error::io(source, e))?;
-            if meta.is_dir() {
+            let source = &if remote::is_url(source) {
+                source.clone()
+            } else {
+                // Absolute, but not through symlinks: relative backing names
+                // resolve against the path the user gave, as QEMU does.
+                std::path::absolute(source).map_err(|e| Error::io(source, e))?
+            };
+            if let Some(paths) = folder(source, rules)? {
                 let mut found = 0;
-                for path in list_dir(source)? {
-                    let file = match FileSource::open(&path) {
+                for path in paths {
+                    let file = match Source::open(&path, rules) {
                         Ok(f) => f,
                         Err(e) => {
                             info!("skipping {}: {e}", path.display());
@@ -200,7 +203,7 @@ impl Catalog {
                     warn!("{}: no images in this directory", source.display());
                 }
             } else {
-                let file = FileSource::open(source)?;
+                let file = Source::open(source, rules)?;
                 match format::probe(&file)? {
                     Some(fmt) => cat.add_image(source, fmt, cache, passwords, rules)?,
                     None => {
@@ -248,8 +251,11 @@ impl Catalog {
     /// A name for an image's directory not yet used in the root: the file
     /// name, then `<file name>~2`, `~3`, ...
     fn unique_root_name(&self, path: &Path) -> String {
-        let base = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
-        let base = names::escape(base.as_bytes());
+        let base = match remote::display_name(path) {
+            Some(name) => name,
+            None => path.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_else(|| b"image".to_vec()),
+        };
+        let base = names::escape(&base);
         let taken = |n: &str| self.lookup(ROOT, OsStr::new(n)).is_some();
         if !taken(&base) {
             return base;
@@ -277,7 +283,7 @@ impl Catalog {
                 self.add_qcow2(dir, &image, times);
             }
             Format::VeridianSnapshot | Format::VeridianMigration => {
-                let file = Arc::new(FileSource::open_image(path, rules)?);
+                let file = Arc::new(Source::open_image(path, rules)?);
                 let tree = match fmt {
                     Format::VeridianSnapshot => format::veridian::vmsn::open(file.clone())?,
                     _ => format::veridian::migration::open(file.clone())?,
@@ -483,7 +489,7 @@ impl Catalog {
 
 /// Who may read an image's nodes: see `perm`.
 fn qcow2_access(image: &Qcow2Image) -> Access {
-    let mut others: Vec<&FileSource> = image.own_files().into_iter().skip(1).map(|f| f.as_ref()).collect();
+    let mut others: Vec<&Source> = image.own_files().into_iter().skip(1).map(|f| f.as_ref()).collect();
     let mut link = image.backing();
     while let Some(b) = link {
         match &b.image {
@@ -536,6 +542,22 @@ fn safe_components(path: &str) -> Option<Vec<&str>> {
 
 /// Regular files directly inside `dir`, sorted by name so directory names
 /// (and their `~N` suffixes) are stable from mount to mount.
+/// The files of a folder source (a local directory, or an S3 prefix ending
+/// in '/'), or `None` for a single image.
+fn folder(source: &Path, rules: &OpenRules) -> Result<Option<Vec<PathBuf>>> {
+    if remote::is_url(source) {
+        if !remote::Location::parse(source)?.is_prefix() {
+            return Ok(None);
+        }
+        let remote = rules.remote.as_ref().ok_or_else(|| Error::open(source, "remote sources are not enabled here"))?;
+        return remote.list(source).map(Some);
+    }
+    if std::fs::metadata(source).map_err(|e| Error::io(source, e))?.is_dir() {
+        return list_dir(source).map(Some);
+    }
+    Ok(None)
+}
+
 fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {

@@ -8,7 +8,7 @@
 //! those files. Write bits are never set; search bits follow read bits on
 //! directories.
 
-use crate::io::FileSource;
+use crate::io::Source;
 
 /// Owner, group and read bits (a subset of 0o444) for an image's nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,7 +21,7 @@ pub struct Access {
 impl Access {
     /// For an image whose views read `top` and `others` (backing files,
     /// data files, parent archives).
-    pub fn of<'a>(top: &FileSource, others: impl IntoIterator<Item = &'a FileSource>) -> Access {
+    pub fn of<'a>(top: &Source, others: impl IntoIterator<Item = &'a Source>) -> Access {
         let (uid, gid) = top.owner();
         let mut read = (top.mode() & 0o444) as u16;
         for f in others {

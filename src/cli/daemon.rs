@@ -31,18 +31,7 @@ pub fn mount(args: MountArgs) -> Result<()> {
     }
 
     limit_heap_slack();
-    let cache = Arc::new(BlockCache::new(args.cache_size));
-    let files = super::password::PasswordFiles::from_args(&args.password_file);
-    let passwords = move |image: &Path| files.password_for(image);
-    let catalog = Arc::new(Catalog::build(sources, &cache, &passwords, &args.rules.rules())?);
-    if args.rules.force_share {
-        tracing::warn!(
-            "--force-share: images are read without QEMU's image locks; a VM may write them while mounted: \
-             a current disk that changes fails its reads from then on (EIO), snapshots stay exact"
-        );
-    }
-    tracing::debug!("{} entries ready; mounting on {}", catalog.len(), mountpoint.display());
-
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::RO,
@@ -53,29 +42,39 @@ pub fn mount(args: MountArgs) -> Result<()> {
         subtype(),
     ];
     config.acl = if args.allow_other { SessionACL::All } else { SessionACL::Owner };
-    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     config.n_threads = Some(args.threads.unwrap_or((2 * cpus).clamp(4, 16)).max(1));
     config.clone_fd = true;
-    let owner = Ownership { uid: args.uid, gid: args.gid, umask: args.umask.unwrap_or(0) };
-    let fs = SnapFs::new(catalog, owner);
 
     if args.foreground {
         block_signals();
+        let fs = open_sources(&args, sources, &mountpoint)?;
         let session = Session::new(fs, &mountpoint, &config).map_err(|e| mount_error(&mountpoint, e))?;
         return serve(session, &mountpoint);
     }
 
     // Background: fork; the child mounts and tells the parent through a pipe.
     let (read_end, write_end) = pipe()?;
-    // SAFETY: no other thread runs yet (nothing above spawns one).
+    // SAFETY: no other thread runs yet (nothing above spawns one). The
+    // images are opened in the child, after the fork: remote sources start
+    // threads (read-ahead, the AWS credential runtime) that a fork would
+    // not carry over.
     match unsafe { libc::fork() } {
         -1 => bail!("cannot fork: {}", std::io::Error::last_os_error()),
         0 => {
             drop(read_end);
             let mut status = write_end;
+            block_signals();
+            // Still on the terminal, in its process group: a password can
+            // be asked here.
+            let fs = match open_sources(&args, sources, &mountpoint) {
+                Ok(fs) => fs,
+                Err(e) => {
+                    let _ = write!(status, "{e:#}");
+                    std::process::exit(1);
+                }
+            };
             // SAFETY: detach from the terminal's session.
             unsafe { libc::setsid() };
-            block_signals();
             let session = match Session::new(fs, &mountpoint, &config) {
                 Ok(s) => s,
                 Err(e) => {
@@ -113,6 +112,24 @@ pub fn mount(args: MountArgs) -> Result<()> {
             }
         }
     }
+}
+
+/// Opens every source and lays out the files to serve.
+fn open_sources(args: &MountArgs, sources: &[PathBuf], mountpoint: &Path) -> Result<SnapFs> {
+    let cache = Arc::new(BlockCache::new(args.cache_size));
+    let files = super::password::PasswordFiles::from_args(&args.password_file);
+    let passwords = move |image: &Path| files.password_for(image);
+    let rules = args.rules.rules(&cache)?;
+    let catalog = Arc::new(Catalog::build(sources, &cache, &passwords, &rules)?);
+    if args.rules.force_share {
+        tracing::warn!(
+            "--force-share: images are read without QEMU's image locks; a VM may write them while mounted: \
+             a current disk that changes fails its reads from then on (EIO), snapshots stay exact"
+        );
+    }
+    tracing::debug!("{} entries ready; mounting on {}", catalog.len(), mountpoint.display());
+    let owner = Ownership { uid: args.uid, gid: args.gid, umask: args.umask.unwrap_or(0) };
+    Ok(SnapFs::new(catalog, owner))
 }
 
 /// The subtype that makes the mount show as `fuse.snapmount` in mountinfo

@@ -12,10 +12,10 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use snapmount::cache::BlockCache;
 use snapmount::catalog::{Catalog, Content};
-use snapmount::io::OpenRules;
 use snapmount::view::View;
 
 use super::password::PasswordFiles;
+use super::RuleArgs;
 
 const CHUNK: usize = 4 << 20;
 
@@ -75,10 +75,11 @@ pub fn export(
     output: &Path,
     password_files: &PasswordFiles,
     cache_size: u64,
-    rules: &OpenRules,
+    rules: &RuleArgs,
 ) -> Result<()> {
     let (file, snapshot) = split_source(source);
     let cache = Arc::new(BlockCache::new(cache_size));
+    let rules = &rules.rules(&cache)?;
     let passwords = |image: &Path| password_files.password_for(image);
     let catalog = Catalog::build(std::slice::from_ref(&file), &cache, &passwords, rules)?;
     let view = select(&catalog, &file, snapshot.as_deref())?;

@@ -12,9 +12,11 @@ use snapmount::catalog::{rfc3339, Catalog, Content, ROOT};
 use snapmount::io::OpenRules;
 
 use super::password::PasswordFiles;
+use super::RuleArgs;
 
-pub fn info(image: &Path, json: bool, password_files: &PasswordFiles, rules: &OpenRules) -> Result<()> {
+pub fn info(image: &Path, json: bool, password_files: &PasswordFiles, rules: &RuleArgs) -> Result<()> {
     let cache = Arc::new(BlockCache::new(64 << 20));
+    let rules = &OpenRules { describe_only: true, ..rules.rules(&cache)? };
     let passwords = |image: &Path| password_files.password_for(image);
     let catalog = Catalog::build(&[image.to_path_buf()], &cache, &passwords, rules)?;
     let dir = catalog.children(ROOT).into_iter().next().ok_or_else(|| anyhow!("{}: nothing found", image.display()))?;

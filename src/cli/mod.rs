@@ -80,15 +80,70 @@ pub struct RuleArgs {
     /// the image's owner could not read them.
     #[arg(long)]
     pub trust_backing: bool,
+    /// Open NEW where an image names the backing file or parent OLD
+    /// (exactly as written inside it): a path or a URL (repeatable).
+    #[arg(long, value_name = "OLD=NEW")]
+    pub backing_map: Vec<String>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+/// How http://, https:// and s3:// sources are read.
+#[derive(Args, Debug, Default)]
+pub struct RemoteArgs {
+    /// S3 endpoint for s3:// sources, e.g. http://127.0.0.1:8333 (else
+    /// AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or the profile's endpoint_url;
+    /// else AWS). A custom endpoint is addressed path-style.
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// Trust the PEM root certificates in FILE for HTTPS instead of the
+    /// system's.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Do not verify HTTPS certificates (self-signed test servers only).
+    #[arg(long)]
+    pub insecure: bool,
+    /// How long one read of a remote source keeps retrying (server down,
+    /// 5xx, throttled, cut short) before it fails with EIO; the mount stays
+    /// up and reads work again once the server is back.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub remote_timeout: u64,
+    /// Keep the chunks fetched from remote sources in DIR, across unmounts
+    /// and restarts (may be shared by several mounts on this host).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Bound of --cache-dir.
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
+    pub cache_dir_size: u64,
 }
 
 impl RuleArgs {
-    pub fn rules(&self) -> snapmount::io::OpenRules {
-        snapmount::io::OpenRules {
+    /// The rules, with remote sources read through `cache`.
+    pub fn rules(
+        &self,
+        cache: &std::sync::Arc<snapmount::cache::BlockCache>,
+    ) -> anyhow::Result<snapmount::io::OpenRules> {
+        let mut map = Vec::new();
+        for m in &self.backing_map {
+            match m.split_once('=') {
+                Some((old, new)) if !old.is_empty() && !new.is_empty() => map.push((old.to_string(), new.to_string())),
+                _ => anyhow::bail!("--backing-map '{m}': expected OLD=NEW"),
+            }
+        }
+        let r = &self.remote;
+        let options = snapmount::io::remote::Options {
+            tls: snapmount::io::remote::TlsOptions { ca_file: r.ca_file.clone(), insecure: r.insecure },
+            s3_endpoint: r.s3_endpoint.clone(),
+            timeout: std::time::Duration::from_secs(r.remote_timeout.max(1)),
+            cache_dir: r.cache_dir.clone().map(|d| (d, r.cache_dir_size)),
+        };
+        Ok(snapmount::io::OpenRules {
             force_share: self.force_share,
             trust_backing: self.trust_backing,
             describe_only: false,
-        }
+            backing_map: map.into(),
+            remote: Some(snapmount::io::remote::Remote::new(options, cache.clone())?),
+        })
     }
 }
 
@@ -136,7 +191,8 @@ pub struct MountArgs {
     pub rules: RuleArgs,
     /// Mount options as mount(8) passes them: allow_other, uid=, gid=,
     /// umask=, cache_size=, password_file=, log_file=, threads=,
-    /// force_share, trust_backing.
+    /// force_share, trust_backing, backing_map=, s3_endpoint=, ca_file=,
+    /// insecure, remote_timeout=, cache_dir=, cache_dir_size=.
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
 }
@@ -185,6 +241,18 @@ impl MountArgs {
                 "foreground" => self.foreground = true,
                 "force_share" => self.rules.force_share = true,
                 "trust_backing" => self.rules.trust_backing = true,
+                "backing_map" => self.rules.backing_map.push(need(value)?),
+                "s3_endpoint" => self.rules.remote.s3_endpoint = Some(need(value)?),
+                "ca_file" => self.rules.remote.ca_file = Some(need(value)?.into()),
+                "insecure" => self.rules.remote.insecure = true,
+                "remote_timeout" => {
+                    self.rules.remote.remote_timeout =
+                        need(value)?.parse().map_err(|_| anyhow::anyhow!("bad number of seconds in '{opt}'"))?
+                }
+                "cache_dir" => self.rules.remote.cache_dir = Some(need(value)?.into()),
+                "cache_dir_size" => {
+                    self.rules.remote.cache_dir_size = parse_size(&need(value)?).map_err(anyhow::Error::msg)?
+                }
                 "rw" => tracing::warn!("snapmount mounts are read-only; ignoring 'rw'"),
                 // Generic options mount(8) and fstab use; nothing to do here.
                 "ro"
@@ -226,12 +294,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Umount { mountpoint } => umount::umount(&mountpoint),
         Command::Info { image, json, password_file, rules } => {
-            let rules = snapmount::io::OpenRules { describe_only: true, ..rules.rules() };
             info::info(&image, json, &password::PasswordFiles::from_args(&password_file), &rules)
         }
         Command::Export { source, output, password_file, cache_size, rules } => {
             let passwords = password::PasswordFiles::from_args(&password_file);
-            export::export(&source, &output, &passwords, cache_size, &rules.rules())
+            export::export(&source, &output, &passwords, cache_size, &rules)
         }
     }
 }

@@ -12,7 +12,7 @@ use tracing::warn;
 
 use crate::cache::BlockCache;
 use crate::error::{Error, Result};
-use crate::io::{FileSource, OpenRules};
+use crate::io::{resolve_name, OpenRules, Source};
 use crate::view::{RawView, View};
 
 use qcow2::{Backing, Crypto, Header, Qcow2Image};
@@ -50,7 +50,7 @@ impl Format {
 }
 
 /// The format of a file by its magic bytes, or `None` for anything else.
-pub fn probe(file: &FileSource) -> Result<Option<Format>> {
+pub fn probe(file: &Source) -> Result<Option<Format>> {
     let mut magic = [0u8; 4];
     file.read_at(&mut magic, 0)?;
     Ok(MAGICS.iter().find(|(m, _)| *m == magic).map(|&(_, f)| f))
@@ -74,7 +74,7 @@ pub fn open_qcow2_with(
     passwords: PasswordSource,
     rules: &OpenRules,
 ) -> Result<Arc<Qcow2Image>> {
-    let file = FileSource::open_image(path, rules)?;
+    let file = Source::open_image(path, rules)?;
     open_qcow2_in_chain(file, cache, &Opening { passwords, rules }, &mut Vec::new())
 }
 
@@ -85,7 +85,7 @@ struct Opening<'a> {
 }
 
 fn open_qcow2_in_chain(
-    file: FileSource,
+    file: Source,
     cache: &Arc<BlockCache>,
     opening: &Opening,
     chain: &mut Vec<PathBuf>,
@@ -93,7 +93,7 @@ fn open_qcow2_in_chain(
     let rules = opening.rules;
     let file = Arc::new(file);
     let path = &file.path().to_path_buf();
-    let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
+    let canonical = crate::io::canonical(path)?;
     if chain.contains(&canonical) {
         return Err(Error::open(path, "backing chain loops back to this image"));
     }
@@ -111,9 +111,9 @@ fn open_qcow2_in_chain(
     }
     let data = match &header.data_file {
         Some(name) if header.has_data_file() => {
-            let data_path = resolve_name(path, name, "external data file")?;
+            let data_path = resolve_name(path, name, "external data file", rules)?;
             let what = "external data file";
-            let data = FileSource::open_named(&file, name, &data_path, what, rules)
+            let data = Source::open_named(&file, name, &data_path, what, rules)
                 .map_err(|e| named_open_error(path, name, &data_path, what, e))?;
             Some(Arc::new(data))
         }
@@ -156,7 +156,7 @@ fn named_open_error(image: &Path, name: &str, path: &Path, what: &str, e: Error)
     Error::open(image, format!("{what} '{name}'{}: {reason}", resolved(name, path)))
 }
 
-pub(crate) fn read_header(file: &FileSource) -> Result<Header> {
+pub(crate) fn read_header(file: &Source) -> Result<Header> {
     let mut first = vec![0u8; 104.min(file.len() as usize)];
     file.read_at(&mut first, 0)?;
     if first.len() >= 24 && first[0..4] == qcow2::MAGIC {
@@ -178,7 +178,7 @@ pub(crate) fn read_header(file: &FileSource) -> Result<Header> {
 /// Opens the backing file `name` of `referrer`, as `format` or, without
 /// one, as its magic says (with a warning unless `probe_quietly`).
 fn open_backing(
-    referrer: &FileSource,
+    referrer: &Source,
     name: &str,
     format: Option<&str>,
     probe_quietly: bool,
@@ -188,8 +188,8 @@ fn open_backing(
 ) -> Result<Backing> {
     let rules = opening.rules;
     let image = referrer.path();
-    let path = resolve_name(image, name, "backing file")?;
-    let file = FileSource::open_named(referrer, name, &path, "backing file", rules)
+    let path = resolve_name(image, name, "backing file", rules)?;
+    let file = Source::open_named(referrer, name, &path, "backing file", rules)
         .map_err(|e| named_open_error(image, name, &path, "backing file", e))?;
     let format = match format {
         Some("qcow2") => "qcow2",
@@ -225,29 +225,4 @@ fn open_backing(
     let view: Arc<dyn View> = Arc::new(img.active_view());
     let file = img.file().clone();
     Ok(Backing { name: name.to_string(), path, format, view, file, image: Some(img) })
-}
-
-/// Turns a backing or data file name into a path: absolute names as they are,
-/// relative names against the directory of the path the referencing image was
-/// opened by (not its real path, as QEMU does). `json:` and protocol names
-/// (`nbd://…`, `http:…`) are refused: they would reach beyond local files.
-pub fn resolve_name(image: &Path, name: &str, what: &str) -> Result<PathBuf> {
-    if name.starts_with("json:") {
-        return Err(Error::open(image, format!("{what} '{name}' is a json: name; only file names are supported")));
-    }
-    // QEMU's rule: a ':' before any '/' makes it a protocol.
-    if let Some(colon) = name.find(':') {
-        if !name[..colon].contains('/') {
-            return Err(Error::open(
-                image,
-                format!("{what} '{name}' names a protocol; only local files are supported"),
-            ));
-        }
-    }
-    let name = Path::new(name);
-    if name.is_absolute() {
-        return Ok(name.to_path_buf());
-    }
-    let dir = image.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    Ok(dir.join(name))
 }

@@ -10,7 +10,7 @@ use zstd::zstd_safe::DDict;
 
 use crate::cache::{block_mut, new_block, BlockCache, BlockKey, BlockKind};
 use crate::error::{Error, Result};
-use crate::io::{check_named, with_scratch, FileSource, OpenRules};
+use crate::io::{check_named, with_scratch, OpenRules, Source};
 use crate::view::{Extent, View};
 
 use super::codec::{self, Key, MAX_BLOCK};
@@ -50,7 +50,7 @@ enum Located {
 
 pub struct HexzArchive {
     path: PathBuf,
-    file: Arc<FileSource>,
+    file: Arc<Source>,
     header: Header,
     index: MasterIndex,
     cache: Arc<BlockCache>,
@@ -75,7 +75,7 @@ impl HexzArchive {
     pub fn path(&self) -> &Path {
         &self.path
     }
-    pub fn file(&self) -> &Arc<FileSource> {
+    pub fn file(&self) -> &Arc<Source> {
         &self.file
     }
     pub fn header(&self) -> &Header {
@@ -487,7 +487,7 @@ pub fn open_hexz(
 /// inside `child`, or given by the user when `child` is `None`.
 fn open_in_chain(
     path: &Path,
-    child: Option<(&FileSource, &str)>,
+    child: Option<(&Source, &str)>,
     cache: &Arc<BlockCache>,
     passwords: PasswordSource,
     rules: &OpenRules,
@@ -500,7 +500,7 @@ fn open_in_chain(
     if let (Some((child, name)), false) = (child, rules.trust_backing) {
         check_named(child, name, path, "parent archive")?;
     }
-    let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
+    let canonical = crate::io::canonical(path)?;
     if chain.contains(&canonical) {
         return Err(bad("parent chain loops back to this archive".into()));
     }
@@ -511,7 +511,7 @@ fn open_in_chain(
     if opened.len() >= MAX_CHAIN {
         return Err(bad(format!("parent chain of more than {MAX_CHAIN} archives")));
     }
-    let file = Arc::new(FileSource::open_image(path, rules)?);
+    let file = Arc::new(Source::open_image(path, rules)?);
     let mut block = vec![0u8; HEADER_SIZE];
     file.read_at(&mut block, 0)?;
     if block[0..4] != MAGIC {
@@ -548,7 +548,7 @@ fn open_in_chain(
     chain.push(canonical.clone());
     let mut parents = Vec::new();
     for name in &header.parent_paths {
-        let parent_path = resolve_parent_path(path, name)?;
+        let parent_path = resolve_parent_path(path, name, rules)?;
         let parent = open_in_chain(&parent_path, Some((&file, name)), cache, passwords, rules, chain, opened)?;
         parents.push((name.clone(), parent));
     }
@@ -653,7 +653,7 @@ impl HexzArchive {
 
 /// Reads the master index field by field: metadata and a signature may
 /// follow it, and counts are checked against the file before reading.
-fn read_master(file: &FileSource, offset: u64) -> std::result::Result<MasterIndex, String> {
+fn read_master(file: &Source, offset: u64) -> std::result::Result<MasterIndex, String> {
     let len = file.len();
     if offset < HEADER_SIZE as u64 || offset >= len {
         return Err(format!("index offset {offset:#x} is outside the file"));
@@ -677,7 +677,7 @@ fn read_master(file: &FileSource, offset: u64) -> std::result::Result<MasterInde
 
 /// Archives from hexz before 0.5 carry the same version number but 20-byte
 /// block entries: recognised by their first index page, and refused.
-fn refuse_legacy(file: &FileSource, index: &MasterIndex) -> std::result::Result<(), String> {
+fn refuse_legacy(file: &Source, index: &MasterIndex) -> std::result::Result<(), String> {
     let Some(entry) = index.main_pages.first().or(index.aux_pages.first()) else {
         return Ok(());
     };
@@ -694,7 +694,10 @@ fn refuse_legacy(file: &FileSource, index: &MasterIndex) -> std::result::Result<
 /// Parent paths: absolute as stored; relative ones against the child's
 /// directory, then the current directory (hexz's tools disagree; this
 /// finds what any of them would).
-fn resolve_parent_path(child: &Path, name: &str) -> Result<PathBuf> {
+fn resolve_parent_path(child: &Path, name: &str, rules: &OpenRules) -> Result<PathBuf> {
+    if rules.mapped(name).is_some() || crate::io::remote::is_url(child) {
+        return crate::io::resolve_name(child, name, "parent archive", rules);
+    }
     let p = Path::new(name);
     if p.is_absolute() {
         if p.exists() {

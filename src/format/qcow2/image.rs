@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::cache::{block_mut, new_block, BlockCache, BlockKey, BlockKind};
 use crate::error::{Error, Result};
-use crate::io::{with_scratch, FileSource};
+use crate::io::{with_scratch, Source};
 use crate::view::{Extent, View};
 
 use super::crypto::{Crypto, SECTOR};
@@ -30,7 +30,7 @@ pub struct Backing {
     /// "qcow2", "qcow" (version 1) or "raw".
     pub format: &'static str,
     /// The backing file itself (its times stand for its views').
-    pub file: Arc<FileSource>,
+    pub file: Arc<Source>,
     /// Its resolved content (its own backing chain included).
     pub view: Arc<dyn View>,
     /// Set when the backing file is itself qcow2.
@@ -39,9 +39,9 @@ pub struct Backing {
 
 pub struct Qcow2Image {
     path: PathBuf,
-    file: Arc<FileSource>,
+    file: Arc<Source>,
     /// Where guest data clusters live: the image itself or its external data file.
-    data: Arc<FileSource>,
+    data: Arc<Source>,
     header: Header,
     geo: Geometry,
     cache: Arc<BlockCache>,
@@ -61,9 +61,9 @@ impl Qcow2Image {
     /// Opens the image with an already-opened file and header; `data` is the
     /// external data file when the image has one; `backing` the opened backing.
     pub(crate) fn new(
-        file: Arc<FileSource>,
+        file: Arc<Source>,
         header: Header,
-        data: Option<Arc<FileSource>>,
+        data: Option<Arc<Source>>,
         backing: Option<Backing>,
         cache: Arc<BlockCache>,
         crypto: Option<Crypto>,
@@ -102,7 +102,7 @@ impl Qcow2Image {
         &self.path
     }
 
-    pub fn file(&self) -> &Arc<FileSource> {
+    pub fn file(&self) -> &Arc<Source> {
         &self.file
     }
 
@@ -120,7 +120,7 @@ impl Qcow2Image {
 
     /// Every file this image reads by itself: the image, and its external
     /// data file when it has one (not the backing chain).
-    pub fn own_files(&self) -> Vec<&Arc<FileSource>> {
+    pub fn own_files(&self) -> Vec<&Arc<Source>> {
         if self.header.has_data_file() {
             vec![&self.file, &self.data]
         } else {
@@ -190,7 +190,7 @@ impl Qcow2Image {
         let Some(watch) = &self.watch else { return Ok(()) };
         match table {
             Table::Active => {
-                let files: &[&FileSource] = &[&self.file, &self.data];
+                let files: &[&Source] = &[&self.file, &self.data];
                 watch.check_active(&self.path, &files[..if self.header.has_data_file() { 2 } else { 1 }])
             }
             Table::Snapshot(i) => watch.check_snapshot(&self.file, &self.snapshots, i),
@@ -324,7 +324,7 @@ impl Qcow2Image {
 /// Reads an L1 table as stored (big-endian entries). A table that would run
 /// past the end of the file is refused before anything is allocated for it,
 /// so a header cannot make us allocate more than the file holds.
-fn read_l1(file: &FileSource, offset: u64, entries: u32) -> Result<Vec<u8>> {
+fn read_l1(file: &Source, offset: u64, entries: u32) -> Result<Vec<u8>> {
     let bytes = entries as u64 * 8;
     if offset.checked_add(bytes).is_none_or(|end| end > file.len()) {
         return Err(Error::open(

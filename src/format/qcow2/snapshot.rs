@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::bytes::{be16, be32, be64};
 use crate::error::{Error, Result};
-use crate::io::FileSource;
+use crate::io::Source;
 
 use super::header::{Header, MAX_L1_BYTES};
 
@@ -36,7 +36,7 @@ pub struct Snapshot {
 
 /// Reads the whole table. The table's length is not stored, so it is read in
 /// growing chunks, each entry checked before it is used.
-pub fn read_table(path: &Path, file: &FileSource, h: &Header) -> Result<Vec<Snapshot>> {
+pub fn read_table(path: &Path, file: &Source, h: &Header) -> Result<Vec<Snapshot>> {
     let bad = |i: u32, msg: String| Error::open(path, format!("bad snapshot table entry {i}: {msg}"));
     let mut out = Vec::with_capacity(h.nb_snapshots.min(4096) as usize);
     let mut buf = Vec::new();

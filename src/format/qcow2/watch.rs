@@ -21,7 +21,7 @@ use std::path::Path;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::io::{FileSource, Stamp};
+use crate::io::{Source, Stamp};
 
 use super::snapshot::{self, Snapshot};
 
@@ -38,7 +38,7 @@ pub(super) struct Watch {
 }
 
 impl Watch {
-    pub(super) fn new(file: &FileSource, data: Option<&FileSource>, snapshots: usize) -> Result<Watch> {
+    pub(super) fn new(file: &Source, data: Option<&Source>, snapshots: usize) -> Result<Watch> {
         let stamp = file.stamp()?;
         let mut at_open = vec![stamp];
         if let Some(d) = data {
@@ -51,7 +51,7 @@ impl Watch {
 
     /// Fails when the image or its data file changed since they were opened
     /// (`files`: the image, then the data file if any, as given to `new`).
-    pub(super) fn check_active(&self, path: &Path, files: &[&FileSource]) -> Result<()> {
+    pub(super) fn check_active(&self, path: &Path, files: &[&Source]) -> Result<()> {
         if self.block_device {
             return Err(Error::open(
                 path,
@@ -76,7 +76,7 @@ impl Watch {
 
     /// Fails when snapshot `index` (as it was at open, one of `snapshots`)
     /// is no longer in the image's snapshot table.
-    pub(super) fn check_snapshot(&self, file: &FileSource, snapshots: &[Snapshot], index: usize) -> Result<()> {
+    pub(super) fn check_snapshot(&self, file: &Source, snapshots: &[Snapshot], index: usize) -> Result<()> {
         let now = file.stamp()?;
         let mut checked = self.checked.lock();
         if checked.0 != now || self.block_device {

@@ -12,7 +12,7 @@ use tracing::warn;
 use crate::bytes::le32;
 use crate::catalog::names;
 use crate::error::{Error, Result};
-use crate::io::FileSource;
+use crate::io::Source;
 use crate::tree::{DirBuilder, Tree};
 use crate::view::{RawView, SliceView, View};
 
@@ -24,7 +24,7 @@ const MAX_ENTRIES: u32 = 1 << 16;
 /// Walks length-prefixed entries of a section held in the file from
 /// `start` to `end`.
 struct Section<'a> {
-    file: &'a FileSource,
+    file: &'a Source,
     pos: u64,
     end: u64,
 }
@@ -50,7 +50,7 @@ impl Section<'_> {
     }
 }
 
-pub fn open(file: Arc<FileSource>) -> Result<Tree> {
+pub fn open(file: Arc<Source>) -> Result<Tree> {
     let path = file.path().to_path_buf();
     let bad = |msg: String| Error::open(&path, format!("VeridianOS migration stream: {msg}"));
     let len = file.len();

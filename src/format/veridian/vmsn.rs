@@ -11,7 +11,7 @@ use tracing::warn;
 
 use crate::bytes::{le32, le64};
 use crate::error::{Error, Result};
-use crate::io::FileSource;
+use crate::io::Source;
 use crate::tree::{DirBuilder, Tree};
 use crate::view::{Extent, RawView, SliceView, View};
 
@@ -49,7 +49,7 @@ fn kind_name(kind: u32) -> &'static str {
 }
 
 /// Opens a snapshot file: the tree of its views.
-pub fn open(file: Arc<FileSource>) -> Result<Tree> {
+pub fn open(file: Arc<Source>) -> Result<Tree> {
     let path = file.path().to_path_buf();
     let bad = |msg: String| Error::open(&path, format!("VeridianOS snapshot: {msg}"));
     let len = file.len();

@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::format::PasswordSource as Password;
-use crate::io::FileSource;
+use crate::io::Source;
 
 use sector::{Cipher, IvGen, Mode, SectorCipher};
 
@@ -38,7 +38,7 @@ impl Crypto {
     /// `describe_only`, asks `password` and unlocks it. `fde` is the LUKS
     /// area (offset, length) from the header extension.
     pub fn open(
-        file: &FileSource,
+        file: &Source,
         method: u32,
         fde: Option<(u64, u64)>,
         password: Password,

@@ -1,0 +1,140 @@
+//! A local file or block device, read with `pread`.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use super::{FileId, Meta, Stamp};
+use crate::error::{Error, Result};
+
+#[derive(Debug)]
+pub struct LocalFile {
+    pub(super) file: File,
+    readahead: Readahead,
+}
+
+/// Sequential reads of an image file ask the kernel to fetch ahead, further
+/// than its own readahead window (often 128 KiB): a sequential read of the
+/// served disk then keeps the host disk busy instead of waiting on each
+/// request. Shared by all threads; races only cost an extra hint.
+#[derive(Debug, Default)]
+struct Readahead {
+    /// Where the last read ended.
+    last_end: AtomicU64,
+    /// How far the kernel has been asked to read.
+    advised: AtomicU64,
+}
+
+/// How far ahead of a sequential reader the file is fetched.
+const READAHEAD_WINDOW: u64 = 8 << 20;
+/// How close to the previous read's end a read counts as sequential.
+const NEAR: u64 = 2 << 20;
+
+impl LocalFile {
+    /// The open file and what `Source` records of it.
+    pub fn from_file(file: File, path: &Path) -> Result<(LocalFile, Meta)> {
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        let block_device = std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type());
+        if !meta.is_file() && !block_device {
+            return Err(Error::open(path, "not a regular file or block device"));
+        }
+        // A block device (an image on LVM, a raw base on /dev/...) has no
+        // length in its metadata: ask it where it ends.
+        let len = if block_device {
+            std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0)).map_err(|e| Error::io(path, e))?
+        } else {
+            meta.len()
+        };
+        let time = |s: i64, ns: i64| {
+            let d = std::time::Duration::new(s.max(0) as u64, ns.clamp(0, 999_999_999) as u32);
+            SystemTime::UNIX_EPOCH + d
+        };
+        let info = Meta {
+            id: FileId { dev: meta.dev(), ino: meta.ino() },
+            len,
+            mtime: time(meta.mtime(), meta.mtime_nsec()),
+            atime: time(meta.atime(), meta.atime_nsec()),
+            ctime: time(meta.ctime(), meta.ctime_nsec()),
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mode: meta.mode(),
+        };
+        Ok((LocalFile { file, readahead: Readahead::default() }, info))
+    }
+
+    /// Size and modification time now: what changes when anyone writes to
+    /// the file. (The kernel gives a fine-grained mtime to a write that
+    /// follows a query of it, so two writes within one clock tick are told
+    /// apart from none.)
+    pub fn stamp(&self, path: &Path) -> Result<Stamp> {
+        let meta = self.file.metadata().map_err(|e| Error::io(path, e))?;
+        Ok(Stamp { len: meta.len(), mtime: (meta.mtime(), meta.mtime_nsec()) })
+    }
+
+    /// Fills `buf` from `offset`; bytes past the end of the file read as zeros,
+    /// as QEMU's block layer does for short reads. A file that has become
+    /// shorter than `len` (its length when opened) fails reads that reach
+    /// the lost part.
+    pub fn read_at(&self, path: &Path, len: u64, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_ahead(offset, buf.len() as u64, len);
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = match offset.checked_add(done as u64) {
+                Some(p) => p,
+                None => break,
+            };
+            match self.file.read_at(&mut buf[done..], pos) {
+                // Short of the length the file had when it was opened: it
+                // was truncated since. Zeros there would be a silent lie
+                // about data the image had; fail the read instead.
+                Ok(0) if pos < len => {
+                    return Err(Error::io(
+                        path,
+                        std::io::Error::other(format!(
+                            "ends at {pos:#x}, short of the {len} bytes it had when it was opened (truncated while in use?)"
+                        )),
+                    ))
+                }
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(path, e)),
+            }
+        }
+        buf[done..].fill(0);
+        Ok(())
+    }
+
+    /// When this read lands near where the previous one ended (compressed
+    /// clusters leave small gaps, and the clusters of one request are read
+    /// by several threads, slightly out of order), asks the kernel to start
+    /// reading the next window in the background (POSIX_FADV_WILLNEED does
+    /// not wait).
+    fn read_ahead(&self, offset: u64, len: u64, file_len: u64) {
+        let ra = &self.readahead;
+        let end = offset.saturating_add(len);
+        let last = ra.last_end.swap(end, Ordering::Relaxed);
+        if offset.abs_diff(last) > NEAR {
+            return;
+        }
+        let advised = ra.advised.load(Ordering::Relaxed);
+        if advised >= end.saturating_add(READAHEAD_WINDOW / 2) || end >= file_len {
+            return;
+        }
+        let from = advised.max(end);
+        let to = end.saturating_add(READAHEAD_WINDOW).min(file_len);
+        ra.advised.store(to, Ordering::Relaxed);
+        // SAFETY: an advisory call on our own open descriptor.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                from as libc::off_t,
+                (to - from) as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            );
+        }
+    }
+}
