@@ -267,6 +267,14 @@ fn http_chain_snapshots_compressed_and_extended_l2_match_local_oracles() {
     assert_eq!(m.info("comp.qcow2")["compression_type"], "zstd");
     assert_eq!(m.info("ext.qcow2")["cluster_size"], 128 * 1024);
     assert_eq!(info["backing_chain"].as_array().map(|c| c.len()), Some(1), "{info}");
+    // `export URL@SNAPSHOT` writes what the snapshot view shows.
+    let out = t.scratch.join("exported.raw");
+    let src = format!("{}@before", urls[0].display());
+    let o = snapmount_env(NO_ENV, &["export", src.as_str(), s(&out)]);
+    assert!(o.success(), "{}", o.describe());
+    let exp = t.scratch.join("before.expected.raw");
+    snapshot_oracle(&vm.join("top.qcow2"), "before", &exp);
+    assert_files_equal(&out, &exp);
     // The base came from the server, at the resolved URL.
     assert!(ngx.gets().iter().any(|g| g.uri == "/base/base.qcow2" && !g.is_open_probe()), "{:?}", ngx.gets());
     assert_ranged_pinned_gets(&ngx);
@@ -450,19 +458,23 @@ fn http_replaced_object_fails_unread_data_with_eio() {
     f.read_exact_at(&mut buf, 0).unwrap();
     assert!(buf == old[..buf.len()], "the first read gives the opened version");
 
+    // What the daemon fetched before the replacement (not 56 MiB: the
+    // read below must go to the server).
+    let before = ngx.gets();
     replace_file(&img, &next);
     let at = 56 * MIB as usize;
     for attempt in 0..2 {
         match f.read_exact_at(&mut buf, at as u64) {
             Ok(()) => panic!(
-                "read #{attempt} of unread data after the replacement succeeded ({} bytes)",
+                "read #{attempt} of unread data after the replacement succeeded ({} bytes); nginx saw: {:?}",
                 if buf == old[at..at + buf.len()] {
                     "old"
                 } else if buf == new[at..at + buf.len()] {
                     "new"
                 } else {
                     "mixed"
-                }
+                },
+                before
             ),
             Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "read #{attempt}: {e}"),
         }
