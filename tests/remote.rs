@@ -500,7 +500,7 @@ fn http_replaced_object_fails_unread_data_with_eio() {
     let before = fetched_ranges(&ngx);
     let at = (4..64u64)
         .rev()
-        .map(|m| m * MIB - len as u64)
+        .map(|i| i * MIB - len as u64)
         .find(|&g| {
             host_offset(&img, g).is_some_and(|h| {
                 let (lo, hi) = (h.saturating_sub(MIB), h + len as u64 + MIB);
