@@ -350,6 +350,83 @@ fn proxy_selftest_goes_down_and_up_and_stalls() {
     assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)));
 }
 
+/// A bare keep-alive client for the self-tests: one ranged GET on `conn`
+/// (connecting first when there is none); an error on a short body or a
+/// closed connection (the connection is then dropped).
+fn raw_get(
+    addr: std::net::SocketAddr,
+    conn: &mut Option<(io::BufReader<TcpStream>, TcpStream)>,
+    path: &str,
+    (a, b): (u64, u64),
+) -> io::Result<(u16, Vec<u8>)> {
+    let attempt = |conn: &mut Option<(io::BufReader<TcpStream>, TcpStream)>| -> io::Result<(u16, Vec<u8>)> {
+        if conn.is_none() {
+            let s = TcpStream::connect(addr)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            *conn = Some((io::BufReader::new(s.try_clone()?), s));
+        }
+        let (r, w) = conn.as_mut().unwrap();
+        write!(w, "GET {path} HTTP/1.1\r\nHost: t\r\nRange: bytes={a}-{b}\r\n\r\n")?;
+        let head = common::proxy::read_head(r)?.ok_or_else(|| io::Error::other("closed before an answer"))?;
+        let len: usize = head.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body)?;
+        Ok((head.status(), body))
+    };
+    let got = attempt(conn);
+    if got.is_err() {
+        *conn = None;
+    }
+    got
+}
+
+/// Eight clients at once, each on its own kept-alive connection, with cuts,
+/// 503s and closed connections among their requests: every retried request
+/// gets its exact bytes, and the proxy counts every attempt.
+#[test]
+fn proxy_selftest_serves_concurrent_clients_through_faults() {
+    let origin = Origin::start();
+    let body = std::sync::Arc::new(gen_bytes(1 << 20, 12));
+    origin.put("/a.bin", body.to_vec());
+    let proxy = Proxy::start(origin.addr());
+    proxy.next(10, Fault::Cut(100));
+    proxy.next(5, Fault::Unavailable);
+    proxy.next(5, Fault::Close);
+    let addr = proxy.addr();
+    let clients: Vec<_> = (0..8u64)
+        .map(|t| {
+            let body = body.clone();
+            thread::spawn(move || {
+                let mut rng = Rng::new(100 + t);
+                let mut conn = None;
+                let mut attempts = 0;
+                for _ in 0..25 {
+                    let a = rng.below(body.len() as u64 - 1);
+                    let b = (a + rng.range(1, 200_000)).min(body.len() as u64 - 1);
+                    loop {
+                        attempts += 1;
+                        assert!(attempts < 200, "client {t}: too many failures");
+                        match raw_get(addr, &mut conn, "/a.bin", (a, b)) {
+                            Ok((206, got)) => {
+                                assert!(got[..] == body[a as usize..=b as usize], "client {t}: bytes {a}-{b}");
+                                break;
+                            }
+                            Ok((503, _)) | Err(_) => continue,
+                            Ok((code, _)) => panic!("client {t}: status {code}"),
+                        }
+                    }
+                }
+                attempts
+            })
+        })
+        .collect();
+    let attempts: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    assert_eq!(attempts, 8 * 25 + 20, "each fault cost one more attempt");
+    assert_eq!(proxy.count("GET"), attempts);
+    assert_eq!(proxy.pending(), 0);
+    assert!(proxy.connections() >= 8 + 15, "cut and closed connections were replaced");
+}
+
 // ---------------------------------------------------------------------------
 // snapmount through the proxy
 // ---------------------------------------------------------------------------
@@ -495,12 +572,13 @@ fn slow_answers_give_the_right_bytes() {
 #[test]
 fn bodies_cut_short_are_retried() {
     let seed = test_seed(22);
-    let r = rig(32, true, seed);
+    let r = rig(48, true, seed);
     r.read_ok(65536, 0, "first read");
     let plan: [(usize, u64); 5] = [(1, 1000), (3, 0), (2, 1), (3, 70_000), (1, 4096)];
     for (i, (k, at_byte)) in plan.into_iter().enumerate() {
         r.proxy.next(k, Fault::Cut(at_byte));
-        let at = (4 + 5 * i as u64) * MIB + 12_345;
+        // Far apart and backwards: no read is in another's read-ahead.
+        let at = (40 - 8 * i as u64) * MIB + 12_345;
         r.read_ok(128 * 1024, at, &format!("after {k} bodies cut at {at_byte}"));
         assert_eq!(r.proxy.pending(), 0, "the reads at {at:#x} fetched nothing: was the region cached?");
     }
@@ -522,12 +600,13 @@ fn throttling_and_server_errors_are_retried() {
 
     r.proxy.always(Fault::Unavailable);
     let disk = r.disk();
-    let reader = thread::spawn(move || timed_read(&disk, 4096, 8 * MIB));
+    // Far apart and backwards: no read is in another's read-ahead.
+    let reader = thread::spawn(move || timed_read(&disk, 4096, 56 * MIB));
     thread::sleep(Duration::from_millis(1500));
     r.proxy.always(Fault::Pass);
     let (got, took) = reader.join().unwrap();
     let got = got.unwrap_or_else(|e| panic!("503 for 1.5 s: {e}\n{}", r.log_text()));
-    assert!(got[..] == *r.want(4096, 8 * MIB), "503 for 1.5 s: wrong bytes");
+    assert!(got[..] == *r.want(4096, 56 * MIB), "503 for 1.5 s: wrong bytes");
     assert!(took >= Duration::from_millis(1400), "the read waited out the 503s: {took:?}");
     let mut per_range: std::collections::HashMap<Option<String>, usize> = Default::default();
     for s in r.proxy.requests().iter().filter(|s| s.fault == Fault::Unavailable) {
@@ -537,10 +616,10 @@ fn throttling_and_server_errors_are_retried() {
     assert!(per_range.values().all(|&n| n <= 3), "Retry-After: 1 not honoured: {per_range:?}");
 
     r.proxy.next(3, Fault::SlowDown);
-    r.read_ok(4096, 16 * MIB, "after 3 SlowDown");
+    r.read_ok(4096, 48 * MIB, "after 3 SlowDown");
     assert_eq!(r.proxy.pending(), 0);
     r.proxy.next(3, Fault::TooMany);
-    r.read_ok(4096, 24 * MIB, "after 3 429");
+    r.read_ok(4096, 40 * MIB, "after 3 429");
     assert_eq!(r.proxy.pending(), 0);
     r.proxy.next(1, Fault::Status(500));
     r.proxy.next(1, Fault::Status(502));
@@ -549,10 +628,10 @@ fn throttling_and_server_errors_are_retried() {
     assert_eq!(r.proxy.pending(), 0);
 
     r.proxy.always(Fault::Unavailable);
-    let took = r.read_eio(4096, 40 * MIB, "503 for every request");
+    let took = r.read_eio(4096, 24 * MIB, "503 for every request");
     assert!(took >= RETRIED_AT_LEAST, "gave up after {took:?} without retrying for --remote-timeout");
     r.proxy.pass();
-    r.read_ok(4096, 40 * MIB, "the same read once the server answers");
+    r.read_ok(4096, 24 * MIB, "the same read once the server answers");
     r.read_ok(65536, 2 * MIB, "the first read again");
 }
 
