@@ -4,6 +4,8 @@
 //! produce the expected bytes (the oracle), and the real `snapmount` binary mounts them.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
