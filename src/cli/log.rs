@@ -20,9 +20,16 @@ pub fn init(verbose: u8) {
     };
     // fuser::session warns "Failed to umount filesystem: EINVAL" whenever
     // the session ends after `umount` (it tries again on drop): its only
-    // warning, and never one to act on.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{level},fuser=warn,fuser::session=error")));
+    // warning, and never one to act on. AWS's credential chain logs every
+    // source it tried and did not find (a missing config file, no instance
+    // metadata) as a warning; what matters reaches the user as our own
+    // error naming the URL.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{level},fuser=warn,fuser::session=error,aws_config=error,aws_runtime=error,aws_smithy_runtime=error,\
+             aws_smithy_http_client=error,aws_credential_types=error"
+        ))
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(LogWriter)
