@@ -305,7 +305,7 @@ fn s3_code(resp: &mut ureq::http::Response<ureq::Body>) -> String {
 }
 
 /// `bytes A-B/TOTAL` or `bytes */TOTAL`.
-fn parse_content_range(v: &str) -> Option<(Option<(u64, u64)>, u64)> {
+pub fn parse_content_range(v: &str) -> Option<(Option<(u64, u64)>, u64)> {
     let rest = v.trim().strip_prefix("bytes")?.trim_start();
     let (range, total) = rest.split_once('/')?;
     let total = total.trim().parse().ok()?;
@@ -318,7 +318,7 @@ fn parse_content_range(v: &str) -> Option<(Option<(u64, u64)>, u64)> {
 }
 
 /// `Retry-After`: seconds, or an HTTP date.
-fn parse_retry_after(v: &str) -> Option<Duration> {
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
     if let Ok(secs) = v.trim().parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
