@@ -6,7 +6,7 @@
 # committed HEXZ fixtures (made by hexz-cli 0.8.2). Also remakes assets/,
 # base.qcow2, one of the neighbours every input sits beside (with base.raw
 # and base.hxz), which the seeds name as backing file or parent.
-#   fuzz/make-seeds.sh          -> fuzz/corpus/{image_qcow2,image_hexz,headers}
+#   fuzz/make-seeds.sh          -> fuzz/corpus/{image_qcow2,image_hexz,headers,remote,...}
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="$(mktemp -d)"
@@ -84,4 +84,12 @@ PY
 for f in "$here"/corpus/image_qcow2/* "$here"/corpus/image_hexz/*; do
     head -c 4096 "$f" > "$here/corpus/headers/$(basename "$f")"
 done
+# remote: what servers and remote images say (listing pages, headers, names).
+mkdir -p "$here/corpus/remote"
+printf '%s' '<?xml version="1.0"?><ListBucketResult><Name>b</Name><IsTruncated>true</IsTruncated><NextContinuationToken>t</NextContinuationToken><Contents><Key>vm/a.qcow2</Key></Contents><CommonPrefixes><Prefix>vm/x/</Prefix></CommonPrefixes></ListBucketResult>' > "$here/corpus/remote/listing"
+printf '%s' 'bytes 0-262143/1073741824' > "$here/corpus/remote/content-range"
+printf '%s' 'Wed, 21 Oct 2026 07:28:00 GMT' > "$here/corpus/remote/retry-after"
+printf '%s' '../base/my disk.qcow2' > "$here/corpus/remote/relative"
+printf '%s' 's3://bucket/x/../y' > "$here/corpus/remote/absolute"
+printf '%s' 'http://h:8080/a/./b/../c?q#f' > "$here/corpus/remote/url"
 echo "seeds: $(ls "$here"/corpus/* | wc -l) files in $here/corpus"

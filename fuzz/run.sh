@@ -11,7 +11,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here"
 secs="${1:-600}"; shift || true
 targets=("$@")
-((${#targets[@]})) || targets=(image_qcow2 image_hexz image_vmsn image_migration headers)
+((${#targets[@]})) || targets=(image_qcow2 image_hexz image_vmsn image_migration headers remote)
 [ -d corpus/image_qcow2 ] || ./make-seeds.sh
 mkdir -p logs
 for t in "${targets[@]}"; do

@@ -501,6 +501,17 @@ impl Mount {
     }
 
     pub fn with_args<P: AsRef<Path>>(extra: &[&str], sources: &[P], mnt: &Path) -> Mount {
+        Mount::started_by(extra, sources, mnt, |args| snapmount(args))
+    }
+
+    /// `snapmount mount EXTRA... SOURCES... MNT`, run by `run` (which may
+    /// set its environment).
+    pub fn started_by<P: AsRef<Path>>(
+        extra: &[&str],
+        sources: &[P],
+        mnt: &Path,
+        run: impl FnOnce(&[OsString]) -> Outcome,
+    ) -> Mount {
         std::fs::create_dir_all(mnt).unwrap();
         let mnt = abs_path(mnt);
         let mut args: Vec<OsString> = vec!["mount".into()];
@@ -514,7 +525,7 @@ impl Mount {
         let done = Arc::new(AtomicBool::new(false));
         // Guard first, so that even a failing mount command gets cleaned up.
         let m = Mount { dir: mnt.clone(), done: done.clone() };
-        let o = snapmount(&args);
+        let o = run(&args);
         if !o.success() {
             panic!("snapmount mount failed\n{}", o.describe());
         }

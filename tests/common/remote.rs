@@ -92,6 +92,24 @@ struct Proc {
 }
 
 impl Proc {
+    /// Whether the server listens on `port` within `timeout` (false at
+    /// once if it exits).
+    fn wait_for_port(&mut self, port: u16, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            if port_open(port) {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Proc {
     fn spawn(name: &'static str, mut cmd: Command, log: &Path, term_first: bool) -> Proc {
         let out = File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         cmd.stdin(Stdio::null()).stdout(Stdio::from(out.try_clone().unwrap())).stderr(Stdio::from(out));
@@ -245,18 +263,7 @@ impl Nginx {
             let mut cmd = Command::new(&bin);
             cmd.arg("-p").arg(&d).arg("-c").arg(d.join("nginx.conf")).arg("-g").arg("daemon off;");
             let mut p = Proc::spawn("nginx", cmd, &log, true);
-            let start = Instant::now();
-            let mut up = false;
-            while start.elapsed() < Duration::from_secs(10) {
-                if p.child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                if port_open(port) {
-                    up = true;
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
+            let up = p.wait_for_port(port, Duration::from_secs(10));
             if up {
                 return Nginx { proc_: p, base: format!("http://127.0.0.1:{port}"), port, root, dir };
             }
@@ -382,18 +389,7 @@ impl PlainHttp {
             let mut cmd = Command::new(&python);
             cmd.args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string(), "--directory"]).arg(root);
             let mut p = Proc::spawn("python3 -m http.server", cmd, &log, false);
-            let start = Instant::now();
-            let mut up = false;
-            while start.elapsed() < Duration::from_secs(15) {
-                if p.child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                if port_open(port) {
-                    up = true;
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
+            let up = p.wait_for_port(port, Duration::from_secs(15));
             if up {
                 return PlainHttp { proc_: p, base: format!("http://127.0.0.1:{port}"), port, dir };
             }
@@ -733,47 +729,7 @@ pub fn mount_with_env<K: AsRef<str>, V: AsRef<str>, P: AsRef<Path>>(
     sources: &[P],
     mnt: &Path,
 ) -> Mount {
-    std::fs::create_dir_all(mnt).unwrap();
-    let mnt = abs_path(mnt);
-    let mut args: Vec<OsString> = vec!["mount".into()];
-    for e in extra {
-        args.push(e.into());
-    }
-    for s in sources {
-        args.push(s.as_ref().as_os_str().to_owned());
-    }
-    args.push(mnt.as_os_str().to_owned());
-    let done = Arc::new(AtomicBool::new(false));
-    let m = Mount { dir: mnt.clone(), done: done.clone() };
-    let o = snapmount_env(env, &args);
-    if !o.success() {
-        panic!("snapmount mount failed\n{}", o.describe());
-    }
-    if !is_mountpoint(&mnt) {
-        panic!("snapmount mount exited 0 but {} is not a mount point\n{}", mnt.display(), o.describe());
-    }
-    // The same watchdog as Mount::with_args: a hung read fails the test.
-    let secs = watchdog_secs();
-    thread::spawn(move || {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(secs) {
-            if done.load(Ordering::SeqCst) {
-                return;
-            }
-            thread::sleep(Duration::from_millis(200));
-        }
-        if done.load(Ordering::SeqCst) {
-            return;
-        }
-        eprintln!("WATCHDOG: mount {} alive for more than {secs}s; killing its processes", mnt.display());
-        for pid in pids_mentioning(&mnt) {
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
-        let _ = exec("umount", &[OsStr::new("-l"), mnt.as_os_str()], None, Duration::from_secs(20));
-    });
-    m
+    Mount::started_by(extra, sources, mnt, |args| snapmount_env(env, args))
 }
 
 /// Runs `curl ARGS...` (30 s); returns the outcome.
