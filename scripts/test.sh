@@ -15,6 +15,7 @@
 #               remote tests) and boto3 (uploads); the plain python3
 #               http.server there is the server without Range requests
 #   curl        the remote tests' checks of their own servers
+#   openssl     the CA and server certificates of the HTTPS tests
 # and builds the HEXZ oracle, hexz-cli 0.8.2, into target/tools (once, a few
 # minutes): the tests pack fresh archives with it (tests/common: hexz_bin),
 # beside the committed fixtures it made (tests/fixtures/make-hexz.sh).
@@ -32,6 +33,7 @@ command -v mtype >/dev/null || need+=(mtools)
 [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v curl >/dev/null || need+=(curl)
+command -v openssl >/dev/null || need+=(openssl)
 if ((${#need[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "installing: ${need[*]}"

@@ -4,7 +4,8 @@
 //! - [`Nginx`]: Debian's nginx, unprivileged (`nginx -p D -c D/nginx.conf -g
 //!   'daemon off;'`), serving a directory with ETags and Range requests (its
 //!   defaults), with an access log of every request that the tests read
-//!   ([`Nginx::gets`]).
+//!   ([`Nginx::gets`]). [`Nginx::serve_with`]: the same over HTTPS, and/or
+//!   with locations of the test's own (redirects).
 //! - [`PlainHttp`]: `python3 -m http.server`, which ignores Range (200 and
 //!   the whole body): the server a remote image must be refused on.
 //! - [`Seaweed`]: SeaweedFS `weed mini` 4.48, an S3 server that checks SigV4
@@ -223,7 +224,23 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn serve(root: &Path) -> Nginx {
+        Self::serve_with(root, None, "")
+    }
+
+    /// Like [`Nginx::serve`], over HTTPS when `tls` is given (the PEM files
+    /// of the server's certificate chain and of its key; `base` is then
+    /// `https://127.0.0.1:PORT`), with `extra` added to the server block
+    /// (locations: redirects and such).
+    pub fn serve_with(root: &Path, tls: Option<(&Path, &Path)>, extra: &str) -> Nginx {
         let bin = nginx_bin();
+        let (scheme, ssl, certs) = match tls {
+            Some((cert, key)) => (
+                "https",
+                " ssl",
+                format!("ssl_certificate \"{}\";\nssl_certificate_key \"{}\";", cert.display(), key.display()),
+            ),
+            None => ("http", "", String::new()),
+        };
         let root = root.canonicalize().unwrap_or_else(|e| panic!("{}: {e}", root.display()));
         let mut last_log = String::new();
         // A port picked free may be taken before nginx binds it: try again.
@@ -251,8 +268,10 @@ impl Nginx {
                  \x20   default_type application/octet-stream;\n\
                  \x20   keepalive_requests 100000;\n\
                  \x20   server {{\n\
-                 \x20       listen 127.0.0.1:{port};\n\
+                 \x20       listen 127.0.0.1:{port}{ssl};\n\
                  \x20       root \"{root}\";\n\
+                 {certs}\n\
+                 {extra}\n\
                  \x20   }}\n\
                  }}\n",
                 d = d.display(),
@@ -265,7 +284,7 @@ impl Nginx {
             let mut p = Proc::spawn("nginx", cmd, &log, true);
             let up = p.wait_for_port(port, Duration::from_secs(10));
             if up {
-                return Nginx { proc_: p, base: format!("http://127.0.0.1:{port}"), port, root, dir };
+                return Nginx { proc_: p, base: format!("{scheme}://127.0.0.1:{port}"), port, root, dir };
             }
             last_log = format!(
                 "{}{}",
