@@ -2,9 +2,10 @@
 //! file without FUSE, leaving holes where the source is unallocated or zero.
 
 use std::fs::File;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,7 +18,8 @@ use snapmount::view::View;
 use super::password::PasswordFiles;
 use super::RuleArgs;
 
-const CHUNK: usize = 4 << 20;
+/// The unit of work (and of writing) of the export workers.
+const PIECE: u64 = 4 << 20;
 
 /// Splits `vm.qcow2@before-upgrade` into the file and the snapshot, unless
 /// the whole string names an existing file.
@@ -76,6 +78,8 @@ pub fn export(
     password_files: &PasswordFiles,
     cache_size: u64,
     rules: &RuleArgs,
+    progress: ProgressMode,
+    sync: bool,
 ) -> Result<()> {
     let (file, snapshot) = split_source(source);
     let cache = Arc::new(BlockCache::new(cache_size));
@@ -86,45 +90,140 @@ pub fn export(
     let out = File::create(output).with_context(|| format!("{}: cannot create", output.display()))?;
     out.set_len(view.size()).with_context(|| format!("{}: cannot size", output.display()))?;
 
-    let progress = std::io::stderr().is_terminal();
-    let started = Instant::now();
+    // The allocation map first (cheap: metadata only), so that holes are
+    // never read and the data splits into pieces the workers share.
     let size = view.size();
-    let mut buf = vec![0u8; CHUNK];
+    let mut pieces = Vec::new();
     let mut pos = 0u64;
-    let mut written = 0u64;
     while pos < size {
         let extent = view.extent(pos, u64::MAX)?;
         let end = pos + extent.len;
         if extent.data {
-            while pos < end {
-                let n = (end - pos).min(CHUNK as u64) as usize;
-                view.read_at(&mut buf[..n], pos)?;
-                // Zero runs inside data stay holes too.
-                if buf[..n].iter().any(|&b| b != 0) {
-                    out.write_all_at(&buf[..n], pos).with_context(|| format!("{}: write failed", output.display()))?;
-                    written += n as u64;
-                }
-                pos += n as u64;
-                if progress {
-                    report(pos, size, started);
-                }
+            let mut at = pos;
+            while at < end {
+                // Pieces aligned to PIECE, so that writes stay large and
+                // aligned even where extents are short.
+                let next = ((at / PIECE + 1) * PIECE).min(end);
+                pieces.push((at, (next - at) as usize));
+                at = next;
             }
         }
         pos = end;
     }
-    out.sync_all().with_context(|| format!("{}: sync failed", output.display()))?;
-    if progress {
-        report(size, size, started);
-        eprintln!();
+    let total: u64 = pieces.iter().map(|p| p.1 as u64).sum();
+    let progress = Progress::new(progress, size, total);
+
+    // Workers take the next piece, read (decompress, decrypt) it and write it
+    // where it belongs: reads of one piece run while others are written, on
+    // every core. Offsets make the order of writes irrelevant.
+    let next = AtomicUsize::new(0);
+    let written = AtomicU64::new(0);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 16) + 1;
+    let view = &view;
+    std::thread::scope(|scope| -> Result<()> {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    let mut buf = vec![0u8; PIECE as usize];
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(at, n)) = pieces.get(i) else { return Ok(()) };
+                        let result = view.read_at(&mut buf[..n], at).map_err(anyhow::Error::from).and_then(|()| {
+                            // Zero runs inside data stay holes too.
+                            if buf[..n].iter().any(|&b| b != 0) {
+                                out.write_all_at(&buf[..n], at)
+                                    .with_context(|| format!("{}: write failed", output.display()))?;
+                                written.fetch_add(n as u64, Ordering::Relaxed);
+                            }
+                            Ok(())
+                        });
+                        if result.is_err() {
+                            // The others stop at their next piece.
+                            next.store(pieces.len(), Ordering::Relaxed);
+                            return result;
+                        }
+                        progress.advance(n as u64);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow!("an export worker panicked"))??;
+        }
+        Ok(())
+    })?;
+    if sync {
+        out.sync_all().with_context(|| format!("{}: sync failed", output.display()))?;
     }
+    progress.finish();
+    let written = written.load(Ordering::Relaxed);
     eprintln!("{}: {} bytes ({} written, the rest left sparse)", output.display(), size, written);
     Ok(())
 }
 
-fn report(pos: u64, size: u64, started: Instant) {
-    let pct = if size == 0 { 100.0 } else { pos as f64 * 100.0 / size as f64 };
-    let secs = started.elapsed().as_secs_f64().max(0.001);
-    let mut err = std::io::stderr();
-    let _ = write!(err, "\r{pct:5.1}%  {:>8.1} MiB/s ", pos as f64 / secs / (1 << 20) as f64);
-    let _ = err.flush();
+/// Progress on a terminal (a line with the rate and the time left, as
+/// `qemu-img convert -p`), or as JSON lines for scripts (`--json`).
+struct Progress {
+    mode: ProgressMode,
+    size: u64,
+    total: u64,
+    done: AtomicU64,
+    started: Instant,
+    /// When the last line was printed, in ms since `started`.
+    last: AtomicU64,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum ProgressMode {
+    Quiet,
+    Terminal,
+    Json,
+}
+
+impl Progress {
+    fn new(mode: ProgressMode, size: u64, total: u64) -> Progress {
+        Progress { mode, size, total, done: AtomicU64::new(0), started: Instant::now(), last: AtomicU64::new(0) }
+    }
+
+    fn advance(&self, n: u64) {
+        let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.last.load(Ordering::Relaxed);
+        // At most five lines a second.
+        if self.mode != ProgressMode::Quiet
+            && now >= last + 200
+            && self.last.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            self.print(done, false);
+        }
+    }
+
+    fn finish(&self) {
+        if self.mode != ProgressMode::Quiet {
+            self.print(self.total, true);
+        }
+    }
+
+    fn print(&self, done: u64, end: bool) {
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = done as f64 / secs;
+        let left = if rate > 0.0 { (self.total - done.min(self.total)) as f64 / rate } else { 0.0 };
+        let pct = if self.total == 0 { 100.0 } else { done as f64 * 100.0 / self.total as f64 };
+        let mut err = std::io::stderr().lock();
+        let _ = match self.mode {
+            ProgressMode::Json => writeln!(
+                err,
+                "{{\"done\":{done},\"total\":{},\"size\":{},\"seconds\":{secs:.3},\"finished\":{end}}}",
+                self.total, self.size
+            ),
+            _ => write!(
+                err,
+                "\r{pct:5.1}%  {:>8.1} MiB/s  {:>5.0} s left {}",
+                rate / (1 << 20) as f64,
+                left,
+                if end { "\n" } else { "" }
+            ),
+        };
+        let _ = err.flush();
+    }
 }

@@ -23,11 +23,12 @@ pub fn init(verbose: u8) {
     // warning, and never one to act on. AWS's credential chain logs every
     // source it tried and did not find (a missing config file, no instance
     // metadata) as a warning; what matters reaches the user as our own
-    // error naming the URL.
+    // error naming the URL. So does a certificate that does not verify,
+    // which rustls and its verifier would log once per try.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new(format!(
             "{level},fuser=warn,fuser::session=error,aws_config=error,aws_runtime=error,aws_smithy_runtime=error,\
-             aws_smithy_http_client=error,aws_credential_types=error"
+             aws_smithy_http_client=error,aws_credential_types=error,rustls_platform_verifier=off,rustls=off"
         ))
     });
     tracing_subscriber::fmt()

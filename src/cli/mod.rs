@@ -57,6 +57,15 @@ pub enum Command {
         /// Bound of the block cache.
         #[arg(long, value_name = "SIZE", default_value = DEFAULT_CACHE, value_parser = parse_cache_size)]
         cache_size: u64,
+        /// Progress as JSON lines on stderr (done, total, size, seconds),
+        /// for scripts; on a terminal a progress line shows anyway.
+        #[arg(long)]
+        json: bool,
+        /// Do not flush the output to disk at the end (by default export
+        /// returns only once the file is durable, like `qemu-img convert
+        /// -t writeback`).
+        #[arg(long)]
+        no_sync: bool,
         #[command(flatten)]
         rules: RuleArgs,
     },
@@ -296,9 +305,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info { image, json, password_file, rules } => {
             info::info(&image, json, &password::PasswordFiles::from_args(&password_file), &rules)
         }
-        Command::Export { source, output, password_file, cache_size, rules } => {
+        Command::Export { source, output, password_file, cache_size, json, no_sync, rules } => {
             let passwords = password::PasswordFiles::from_args(&password_file);
-            export::export(&source, &output, &passwords, cache_size, &rules)
+            let progress = match (json, std::io::IsTerminal::is_terminal(&std::io::stderr())) {
+                (true, _) => export::ProgressMode::Json,
+                (false, true) => export::ProgressMode::Terminal,
+                (false, false) => export::ProgressMode::Quiet,
+            };
+            export::export(&source, &output, &passwords, cache_size, &rules, progress, !no_sync)
         }
     }
 }

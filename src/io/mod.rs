@@ -94,8 +94,9 @@ impl Source {
         if remote::is_url(path) {
             let remote =
                 rules.remote.as_ref().ok_or_else(|| Error::open(path, "remote sources are not enabled here"))?;
-            let (object, meta) = remote.open(path)?;
-            return Ok(Source { backend: Backend::Remote(object), path: path.to_path_buf(), meta });
+            let (object, meta, moved) = remote.open(path)?;
+            let path = moved.unwrap_or_else(|| path.to_path_buf());
+            return Ok(Source { backend: Backend::Remote(object), path, meta });
         }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         Source::from_file(file, path)

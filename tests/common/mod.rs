@@ -501,7 +501,7 @@ impl Mount {
     }
 
     pub fn with_args<P: AsRef<Path>>(extra: &[&str], sources: &[P], mnt: &Path) -> Mount {
-        Mount::started_by(extra, sources, mnt, |args| snapmount(args))
+        Mount::started_by(extra, sources, mnt, snapmount)
     }
 
     /// `snapmount mount EXTRA... SOURCES... MNT`, run by `run` (which may

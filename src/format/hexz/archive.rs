@@ -548,7 +548,9 @@ fn open_in_chain(
     chain.push(canonical.clone());
     let mut parents = Vec::new();
     for name in &header.parent_paths {
-        let parent_path = resolve_parent_path(path, name, rules)?;
+        // Against where the archive really is (a remote one may have been
+        // redirected).
+        let parent_path = resolve_parent_path(file.path(), name, rules)?;
         let parent = open_in_chain(&parent_path, Some((&file, name)), cache, passwords, rules, chain, opened)?;
         parents.push((name.clone(), parent));
     }

@@ -69,7 +69,7 @@ impl std::fmt::Debug for Object {
 /// A chunk being fetched by one thread, waited for by the others.
 #[derive(Default)]
 struct Flight {
-    result: Mutex<Option<std::result::Result<Arc<[u8]>, String>>>,
+    result: Mutex<Option<std::result::Result<Arc<[u8]>, Failure>>>,
     ready: Condvar,
 }
 
@@ -162,21 +162,20 @@ impl Object {
     }
 
     fn error(&self, url: &Path, f: Failure) -> Error {
-        let why = match f {
-            Failure::Changed(why) => {
-                if !self.0.changed.swap(true, Ordering::Relaxed) {
-                    warn!(
-                        "{}: object changed on the server since it was opened (ETag {}); reads of what is not \
-                         cached fail (EIO) rather than mix two versions: mount it again to read the new one",
-                        url.display(),
-                        self.0.etag.as_deref().unwrap_or("none")
-                    );
-                }
-                why
-            }
-            Failure::Transient { why, .. } | Failure::Fatal(why) => why,
-        };
-        super::http::error(url, &why)
+        super::http::error(url, &failure_why(&f))
+    }
+
+    /// Notes that the server no longer has the version opened (logged
+    /// once, whichever thread, reader or read-ahead, learns it first).
+    fn mark_changed(&self) {
+        if !self.0.changed.swap(true, Ordering::Relaxed) {
+            warn!(
+                "{}: object changed on the server since it was opened (ETag {}); reads of what is not \
+                 cached fail (EIO) rather than mix two versions: mount it again to read the new one",
+                self.0.url.display(),
+                self.0.etag.as_deref().unwrap_or("none")
+            );
+        }
     }
 
     /// Chunks `first..first + count`, from memory, the cache directory or
@@ -234,7 +233,7 @@ impl Object {
                 }
                 Err(f) => {
                     for index in a..a + n {
-                        mine.publish(index, Err(failure_why(&f)));
+                        mine.publish(index, Err(f.clone()));
                     }
                     failure.get_or_insert(f);
                 }
@@ -250,8 +249,7 @@ impl Object {
             }
             match result.as_ref().unwrap() {
                 Ok(chunk) => out[pos] = Some(chunk.clone()),
-                Err(why) if self.0.changed.load(Ordering::Relaxed) => return Err(Failure::Changed(why.clone())),
-                Err(why) => return Err(Failure::Transient { why: why.clone(), after: None }),
+                Err(f) => return Err(f.clone()),
             }
         }
         Ok(out.into_iter().flatten().collect())
@@ -294,7 +292,7 @@ impl Object {
     fn get(&self, start: u64, buf: &mut [u8], deadline: Instant) -> std::result::Result<(), Failure> {
         let o = &self.0;
         let remote = &o.remote;
-        remote.retrying(&o.url, deadline, || {
+        let got = remote.retrying(&o.url, deadline, || {
             let mut headers = remote.auth(&o.url, &o.loc, "GET", &o.http_url)?;
             match (&o.etag, o.modified) {
                 (Some(etag), _) => headers.push(("If-Match".into(), etag.clone())),
@@ -313,7 +311,11 @@ impl Object {
                 return Err(Failure::Transient { why: "the server sent fewer bytes than asked".into(), after: None });
             }
             Ok(())
-        })
+        });
+        if let Err(Failure::Changed(_)) = &got {
+            self.mark_changed();
+        }
+        got
     }
 
     /// Tracks a reader: while reads follow one another, fetch ahead of them
@@ -367,7 +369,7 @@ struct Claimed<'a> {
 }
 
 impl Claimed<'_> {
-    fn publish(&mut self, index: u64, result: std::result::Result<Arc<[u8]>, String>) {
+    fn publish(&mut self, index: u64, result: std::result::Result<Arc<[u8]>, Failure>) {
         let Some(pos) = self.flights.iter().position(|(i, _)| *i == index) else { return };
         let (_, flight) = self.flights.swap_remove(pos);
         *flight.result.lock() = Some(result);
@@ -380,7 +382,7 @@ impl Drop for Claimed<'_> {
     fn drop(&mut self) {
         let left: Vec<u64> = self.flights.iter().map(|(i, _)| *i).collect();
         for index in left {
-            self.publish(index, Err("the fetch was abandoned".into()));
+            self.publish(index, Err(Failure::Fatal("the fetch was abandoned".into())));
         }
     }
 }

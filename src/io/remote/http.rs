@@ -29,7 +29,7 @@ pub struct TlsOptions {
 }
 
 /// Why one attempt failed.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Failure {
     /// Worth another try: connection errors, timeouts, 5xx, 429, bodies cut
     /// short. `after` is the server's `Retry-After`.
@@ -52,6 +52,8 @@ pub struct Answer {
     /// Bytes written into the buffer (less than asked only at the end of
     /// the object).
     pub filled: usize,
+    /// Where redirects led, when they did.
+    pub redirected: Option<String>,
 }
 
 pub struct Http {
@@ -119,6 +121,7 @@ impl Http {
             req = req.config().max_redirects(0).build();
         }
         let resp = req.call().map_err(transport_failure)?;
+        let redirected = redirected(url, &resp);
         let status = resp.status().as_u16();
         let head = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         match status {
@@ -139,6 +142,7 @@ impl Http {
             etag: head("etag"),
             modified: head("last-modified").and_then(|t| httpdate::parse_http_date(&t).ok()),
             filled: 0,
+            redirected,
         };
         Ok((answer, ranges && total.is_some()))
     }
@@ -163,6 +167,7 @@ impl Http {
             req = req.config().max_redirects(0).build();
         }
         let mut resp = req.call().map_err(transport_failure)?;
+        let redirected = redirected(url, &resp);
         let status = resp.status().as_u16();
         let head = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         let etag = head("etag");
@@ -197,7 +202,7 @@ impl Http {
             // Asked past the end: the answer still says where it is.
             416 => match range.as_deref().and_then(parse_content_range) {
                 Some((None, total)) => {
-                    return Ok(Answer { total, etag, modified, filled: 0 });
+                    return Ok(Answer { total, etag, modified, filled: 0, redirected });
                 }
                 _ => return Err(Failure::Fatal(format!("the server refused the range {start}-{end} (416)"))),
             },
@@ -222,13 +227,13 @@ impl Http {
             }
         };
         if first == 0 && last == 0 && total == 0 {
-            return Ok(Answer { total, etag, modified, filled: 0 });
+            return Ok(Answer { total, etag, modified, filled: 0, redirected });
         }
         let filled = (last - first + 1) as usize;
         let mut reader = resp.body_mut().as_reader();
         read_full(&mut reader, &mut buf[..filled])
             .map_err(|e| Failure::Transient { why: format!("the body was cut short: {e}"), after: None })?;
-        Ok(Answer { total, etag, modified, filled })
+        Ok(Answer { total, etag, modified, filled, redirected })
     }
 
     /// A whole small document (an S3 listing page): at most `limit` bytes.
@@ -265,15 +270,29 @@ impl Http {
 
 /// A failed request that never got an answer.
 fn transport_failure(e: ureq::Error) -> Failure {
+    // A TLS handshake that fails (an unknown issuer, a certificate for
+    // another name) reaches us as an I/O error: asking again cannot help.
+    if let ureq::Error::Io(io) = &e {
+        if let Some(tls) = io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            return Failure::Fatal(format!("TLS: {tls} (--ca-file trusts another root; --insecure checks none)"));
+        }
+    }
     match e {
         ureq::Error::BadUri(_) | ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::TooManyRedirects => {
-            Failure::Fatal(e.to_string())
+            Failure::Fatal(format!("TLS: {e} (--ca-file trusts another root; --insecure checks none)"))
         }
         ureq::Error::Pem(_) | ureq::Error::InvalidProxyUrl | ureq::Error::RequireHttpsOnly(_) => {
             Failure::Fatal(e.to_string())
         }
         other => Failure::Transient { why: other.to_string(), after: None },
     }
+}
+
+/// The URL a response came from, when redirects led away from `asked`.
+fn redirected(asked: &str, resp: &ureq::http::Response<ureq::Body>) -> Option<String> {
+    use ureq::ResponseExt;
+    let at = resp.get_uri().to_string();
+    (at != asked).then_some(at)
 }
 
 fn read_full(r: &mut impl Read, mut buf: &mut [u8]) -> std::io::Result<()> {

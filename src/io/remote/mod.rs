@@ -161,7 +161,10 @@ impl Remote {
     /// Opens the object at `url`: its size, version and times from a HEAD,
     /// or, where HEAD fails or says no Range support, from a ranged GET of
     /// its first chunk (which also tells a server that ignores Range).
-    pub fn open(self: &Arc<Self>, url: &Path) -> Result<(Object, Meta)> {
+    ///
+    /// Where HTTP redirects led, the object is read (and the names inside it
+    /// resolve) at the URL they led to, returned third.
+    pub fn open(self: &Arc<Self>, url: &Path) -> Result<(Object, Meta, Option<PathBuf>)> {
         let loc = Location::parse(url)?;
         if loc.is_prefix() {
             return Err(Error::open(
@@ -193,12 +196,22 @@ impl Remote {
             }
             Err(f) => return Err(fail(f)),
         };
+        let (url, loc, http_url) = match (&answer.redirected, &loc) {
+            (Some(to), Location::Http { .. }) => {
+                let to = PathBuf::from(to);
+                let loc = Location::parse(&to)?;
+                debug!("{}: redirected to {}", url.display(), to.display());
+                (to, loc.clone(), loc.url())
+            }
+            _ => (url.to_path_buf(), loc, http_url),
+        };
         let meta = self.meta(&http_url, &answer);
-        let object = Object::new(self.clone(), url, loc, http_url, &answer, meta.id);
+        let object = Object::new(self.clone(), &url, loc, http_url, &answer, meta.id);
         if let Some(first) = first {
             object.keep_first(first);
         }
-        Ok((object, meta))
+        let moved = answer.redirected.is_some().then_some(url);
+        Ok((object, meta, moved))
     }
 
     fn meta(&self, http_url: &str, answer: &Answer) -> Meta {
