@@ -233,6 +233,10 @@ impl Http {
         let mut reader = resp.body_mut().as_reader();
         read_full(&mut reader, &mut buf[..filled])
             .map_err(|e| Failure::Transient { why: format!("the body was cut short: {e}"), after: None })?;
+        // ureq keeps a connection for the next request only once a read
+        // has seen the body end: one more (empty) read, or every GET would
+        // open a new connection (and, over HTTPS, a new TLS session).
+        let _ = reader.read(&mut [0u8; 1]);
         Ok(Answer { total, etag, modified, filled, redirected })
     }
 
