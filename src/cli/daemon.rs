@@ -303,7 +303,12 @@ fn mount_error(mountpoint: &Path, e: std::io::Error) -> anyhow::Error {
 
 /// The name shown in the mount table: the single source, or the first and a count.
 fn fsname(sources: &[PathBuf]) -> String {
-    let first = sources[0].display().to_string().replace(',', "_");
+    let mut first = sources[0].display().to_string().replace(',', "_");
+    // /proc/mounts is world-readable: no query string of a URL there (a
+    // presigned URL's is a credential).
+    if snapmount::io::remote::is_url(&sources[0]) {
+        first.truncate(first.find('?').unwrap_or(first.len()));
+    }
     match sources.len() {
         1 => first,
         n => format!("{first}+{}", n - 1),

@@ -863,8 +863,10 @@ impl Proxy {
 
     /// Listens again, on the same port.
     pub fn up(&self) {
-        self.acceptor.reopen_listener();
+        // Not down first: a connection accepted as soon as the listener is
+        // back must not be taken for one made while down.
         self.state.down.store(false, Ordering::SeqCst);
+        self.acceptor.reopen_listener();
     }
 
     /// Closes every open client connection (stalled ones too); the listener stays.

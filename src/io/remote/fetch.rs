@@ -33,9 +33,14 @@ const PREFETCH_THREADS: usize = 6;
 const PREFETCH_QUEUE: usize = 64;
 /// How far from the previous read's end a read still counts as sequential:
 /// the FUSE threads answer a sequential reader's requests slightly out of
-/// order, and compressed clusters leave gaps.
+/// order (a few requests of up to 1 MiB), and compressed clusters leave
+/// gaps. Further ahead is a jump: scattered metadata reads (L2 tables,
+/// index pages) must not pass for a stream.
 const BEHIND: u64 = 2 << 20;
-const AHEAD: u64 = 16 << 20;
+const AHEAD: u64 = 4 << 20;
+/// Reads in a row that must look sequential before read-ahead starts (one
+/// read after a jump is no stream yet).
+const STREAK: u32 = 2;
 
 #[derive(Clone)]
 pub struct Object(Arc<Inner>);
@@ -76,6 +81,8 @@ struct Flight {
 #[derive(Default)]
 struct Sequential {
     last_end: u64,
+    /// Sequential reads in a row.
+    streak: u32,
     window: u64,
     /// How far read-ahead has been asked for.
     ahead_to: u64,
@@ -327,11 +334,15 @@ impl Object {
             let mut s = self.0.seq.lock();
             let sequential = offset + BEHIND >= s.last_end && offset <= s.last_end.saturating_add(AHEAD);
             if !sequential {
-                *s = Sequential { last_end: end, window: 0, ahead_to: end };
+                *s = Sequential { last_end: end, streak: 0, window: 0, ahead_to: end };
                 return;
             }
             s.last_end = s.last_end.max(end);
             s.ahead_to = s.ahead_to.max(end);
+            s.streak = s.streak.saturating_add(1);
+            if s.streak < STREAK {
+                return;
+            }
             if s.window == 0 {
                 s.window = FIRST_WINDOW;
             }

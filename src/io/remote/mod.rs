@@ -68,7 +68,13 @@ pub struct Remote {
     /// The identity of each object version opened, so that a base image
     /// shared by two chains is cached once.
     ids: Mutex<HashMap<String, u64>>,
+    /// Every object opened, by the URL it was opened by: opened again (the
+    /// probe, then the format; a base shared by two chains), it is the same
+    /// version, with no second round trip.
+    opened: Mutex<HashMap<PathBuf, Opened>>,
 }
+
+type Opened = (Object, Meta, Option<PathBuf>);
 
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -90,6 +96,7 @@ impl Remote {
             cache,
             disk,
             ids: Mutex::new(HashMap::new()),
+            opened: Mutex::new(HashMap::new()),
             options,
         }))
     }
@@ -164,7 +171,16 @@ impl Remote {
     ///
     /// Where HTTP redirects led, the object is read (and the names inside it
     /// resolve) at the URL they led to, returned third.
-    pub fn open(self: &Arc<Self>, url: &Path) -> Result<(Object, Meta, Option<PathBuf>)> {
+    pub fn open(self: &Arc<Self>, url: &Path) -> Result<Opened> {
+        if let Some(known) = self.opened.lock().get(url) {
+            return Ok(known.clone());
+        }
+        let opened = self.open_anew(url)?;
+        self.opened.lock().insert(url.to_path_buf(), opened.clone());
+        Ok(opened)
+    }
+
+    fn open_anew(self: &Arc<Self>, url: &Path) -> Result<Opened> {
         let loc = Location::parse(url)?;
         if loc.is_prefix() {
             return Err(Error::open(
