@@ -16,10 +16,13 @@ use crate::cache::{BlockKey, BlockKind};
 use crate::error::{Error, Result};
 use crate::io::FileId;
 
-/// The unit of fetching and caching: big enough that a GET's round trip is
-/// not most of its time, small enough that a random 4 KiB read does not
-/// wait for much more.
-pub const CHUNK: u64 = 256 << 10;
+/// The unit of fetching and caching. A random reader's miss costs one
+/// round trip plus a chunk's time on the link, and four such readers share
+/// it: 128 KiB is 1.1 ms at 1 Gbit/s against a 10 ms round trip (256 KiB
+/// cost a quarter of the random-read rate there, BENCHMARKS.md). Sequential
+/// readers do not feel it: their misses merge into GETs of up to 8 MiB.
+/// Big enough for a qcow2 L2 table of 64 KiB clusters.
+pub const CHUNK: u64 = 128 << 10;
 /// The most one GET asks for (adjacent misses are merged up to this).
 const MAX_GET: u64 = 8 << 20;
 /// A sequential reader's first read-ahead window, and the largest (also at
