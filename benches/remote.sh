@@ -193,7 +193,7 @@ get_snapmount() {
 # quarter text, a quarter zeros), a zstd-compressed qcow2 of it and a HEXZ
 # archive (LZ4, the default). Reused when the stamp matches.
 make_data() {
-    local stamp="size=$BYTES gen=remote-1"
+    local stamp="size=$BYTES gen=remote-2" mib=$((BYTES >> 20)) off
     if [[ -f $DATA/.stamp && $(cat "$DATA/.stamp") == "$stamp" ]]; then
         log "reusing the images in $DATA"
         return
@@ -204,6 +204,10 @@ make_data() {
     python3 "$REPO/benches/compare/gen_data.py" "$DATA/src.raw" "$BYTES"
     qemu-img convert -c -f raw -O qcow2 -o cluster_size=64k,compression_type=zstd "$DATA/src.raw" "$DATA/img.qcow2"
     "$HEXZ" pack -s "$DATA/src.raw" "$DATA/img.hxz" >"$LOGS/hexz-pack.log" 2>&1
+    # What three 1 MiB regions of the disk must read as (check_bytes).
+    for off in 0 $((mib / 2)) $((mib - 1)); do
+        echo "$off $(dd if="$DATA/src.raw" bs=1M skip="$off" count=1 status=none | sha256sum | cut -d' ' -f1)"
+    done >"$DATA/regions.sha256"
     rm "$DATA/src.raw"   # the images are what is served
     echo "$stamp" >"$DATA/.stamp"
 }
@@ -336,6 +340,20 @@ umount_tool() {
 
 # ------------------------------------------------------------ measurements --
 
+# check_bytes FILE: the first, middle and last MiB of the disk read back as
+# the source data (after a measurement, on the same mount: a fast daemon
+# that serves wrong bytes gets n/a, not a number).
+check_bytes() {
+    local off want got
+    while read -r off want; do
+        got=$(timeout 120 dd if="$1" bs=1M skip="$off" count=1 iflag=direct status=none 2>/dev/null | sha256sum | cut -d' ' -f1)
+        if [[ $got != "$want" ]]; then
+            NA="wrong bytes in MiB $off of the disk"
+            return 1
+        fi
+    done <"$DATA/regions.sha256"
+}
+
 # fio_json OUT FIO_ARGS...: one fio job on $FILE (time-limited).
 fio_json() {
     local out=$1
@@ -371,10 +389,11 @@ na() {   # na METRIC TOOL REP REASON
     echo "$1 $2 #$3: $4" >>"$LOGS/na.txt"
 }
 
-# The requests one mount sent: GETs, HEADs, MiB of bodies (after link_mark).
-record_requests() {   # record_requests METRIC TOOL REP MARK
+# The requests one mount sent: GETs, HEADs, MiB of bodies. REQ_SINCE is
+# taken right after the measured reads (the check_bytes reads come later).
+record_requests() {   # record_requests METRIC TOOL REP
     local gets heads bytes
-    read -r gets heads bytes < <(link_requests "$4")
+    read -r gets heads bytes <<<"$REQ_SINCE"
     record "$1_gets" "$2" "$3" "$gets"
     record "$1_heads" "$2" "$3" "$heads"
     record "$1_mib" "$2" "$3" "$(awk -v b="$bytes" 'BEGIN { printf "%.1f", b / 1048576 }')"
@@ -390,15 +409,19 @@ measure_seq() {   # measure_seq TOOL REP
     cold img.qcow2
     mark=$(link_mark)
     if ! mount_tool "$tool" img.qcow2; then na seq "$tool" "$rep" "$NA"; return; fi
-    if seq_pass "$json"; then
-        umount_tool "$tool"
-        record seq "$tool" "$rep" "$V"
-        record_requests seq "$tool" "$rep" "$mark"
-        log "  seq $tool #$rep: $V MiB/s ($REQS)"
+    if ! seq_pass "$json"; then
+        NA="fio failed or timed out (see $json, $LOGS/fio.err)"
+    elif REQ_SINCE=$(link_requests "$mark") && ! check_bytes "$FILE"; then
+        :
     else
         umount_tool "$tool"
-        na seq "$tool" "$rep" "fio failed or timed out (see $json, $LOGS/fio.err)"
+        record seq "$tool" "$rep" "$V"
+        record_requests seq "$tool" "$rep"
+        log "  seq $tool #$rep: $V MiB/s ($REQS)"
+        return
     fi
+    umount_tool "$tool"
+    na seq "$tool" "$rep" "$NA"
 }
 
 measure_rand() {   # measure_rand TOOL REP
@@ -408,15 +431,16 @@ measure_rand() {   # measure_rand TOOL REP
     if ! mount_tool "$tool" img.qcow2; then na rand4 "$tool" "$rep" "$NA"; return; fi
     if fio_json "$json" --rw=randread --bs=4k --direct=1 --numjobs=4 --time_based --runtime="$BENCH_RUNTIME" \
         --group_reporting --randseed="$BENCH_SEED" --size="$BYTES" &&
-        v=$(fio_value "$json" iops) && lat=$(fio_value "$json" lat); then
+        v=$(fio_value "$json" iops) && lat=$(fio_value "$json" lat) &&
+        REQ_SINCE=$(link_requests "$mark") && check_bytes "$FILE"; then
         umount_tool "$tool"
         record rand4 "$tool" "$rep" "$v"
         record rand4_lat "$tool" "$rep" "$lat"
-        record_requests rand4 "$tool" "$rep" "$mark"
+        record_requests rand4 "$tool" "$rep"
         log "  rand4 $tool #$rep: $v IOPS, mean latency $lat ms ($REQS)"
     else
         umount_tool "$tool"
-        na rand4 "$tool" "$rep" "fio failed or timed out (see $json, $LOGS/fio.err)"
+        na rand4 "$tool" "$rep" "${NA:-fio failed or timed out (see $json, $LOGS/fio.err)}"
     fi
 }
 
@@ -431,9 +455,15 @@ measure_ttfb() {   # measure_ttfb TOOL REP
     if ! mount_tool "$tool" img.hxz; then na ttfb "$tool" "$rep" "$NA"; return; fi
     us=$((${LIVE_AT/./} - ${t0/./}))
     ms=$(printf '%d.%d' $((us / 1000)) $((us % 1000 / 100)))
+    REQ_SINCE=$(link_requests "$mark")
+    if ! check_bytes "$FILE"; then
+        umount_tool "$tool"
+        na ttfb "$tool" "$rep" "$NA"
+        return
+    fi
     umount_tool "$tool"
     record ttfb "$tool" "$rep" "$ms"
-    record_requests ttfb "$tool" "$rep" "$mark"
+    record_requests ttfb "$tool" "$rep"
     log "  ttfb $tool #$rep: $ms ms ($REQS)"
 }
 
@@ -451,9 +481,9 @@ measure_cachedir() {   # measure_cachedir REP
         rm -rf "$cd"
         return
     fi
-    if ! seq_pass "$LOGS/cache1-$rep.json"; then
+    if ! seq_pass "$LOGS/cache1-$rep.json" || ! check_bytes "$FILE"; then
         umount_tool snapmount
-        na cache1 snapmount "$rep" "fio failed or timed out"
+        na cache1 snapmount "$rep" "${NA:-fio failed or timed out}"
         na cache2 snapmount "$rep" "no first pass"
         rm -rf "$cd"
         return
@@ -466,14 +496,14 @@ measure_cachedir() {   # measure_cachedir REP
     mark=$(link_mark)
     if ! mount_tool snapmount img.qcow2 --cache-dir "$cd"; then
         na cache2 snapmount "$rep" "$NA"
-    elif seq_pass "$LOGS/cache2-$rep.json"; then
+    elif seq_pass "$LOGS/cache2-$rep.json" && REQ_SINCE=$(link_requests "$mark") && check_bytes "$FILE"; then
         umount_tool snapmount
         record cache2 snapmount "$rep" "$V"
-        record_requests cache2 snapmount "$rep" "$mark"
+        record_requests cache2 snapmount "$rep"
         log "  cache-dir #$rep: first mount $first MiB/s, second mount $V MiB/s ($REQS)"
     else
         umount_tool snapmount
-        na cache2 snapmount "$rep" "fio failed or timed out"
+        na cache2 snapmount "$rep" "${NA:-fio failed or timed out}"
     fi
     rm -rf "$cd"
 }

@@ -177,7 +177,7 @@ link_mark() { stat -c %s "$LINK_STATE/access.log"; }
 # link_requests MARK: "GETs HEADs body_bytes" logged since MARK.
 link_requests() {
     tail -c +$(($1 + 1)) "$LINK_STATE/access.log" |
-        awk '$2 == "GET" { g++ } $2 == "HEAD" { h++ } { b += $6 } END { printf "%d %d %d\n", g, h, b }'
+        awk '$2 == "GET" { g++ } $2 == "HEAD" { h++ } { b += $6 } END { printf "%d %d %.0f\n", g, h, b }'
 }
 
 # link_verify: prints "MIBS RTT_REUSED_MS RTT_NEW_MS DIRECT_RTT_MS" and logs them:
