@@ -5,6 +5,7 @@ every sample.
 
 usage: report.py RESULTS.tsv [NA.txt]
 """
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -85,6 +86,11 @@ def main():
 
     sm, q = med(s, "seq", "snapmount"), med(s, "seq", "qsd")
     p(f"| seq 1 MiB O_DIRECT, cold, qcow2 zstd (MiB/s of disk) | {fmt(sm, 1)} | {TOOLS['qsd']} | {fmt(q, 1)} | {ratio(sm, q)} | {pct(sm)} |")
+    # The most a reader can get: every stored byte fetched once at the link's rate.
+    m = re.search(r"img\.qcow2 (\d+) bytes", " ".join(header))
+    if m and disk_mib and isinstance(link, float):
+        ceiling = link * disk_mib / (int(m.group(1)) / 2**20)
+        p(f"| seq: ceiling, the image's bytes once at the link's rate (MiB/s of disk) | {fmt(sm, 1)} | ceiling | {fmt(ceiling, 1)} | {ratio(sm, ceiling)} | |")
 
     def wire(tool):
         v, mib = med(s, "seq", tool), med(s, "seq_mib", tool)
