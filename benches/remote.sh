@@ -362,7 +362,8 @@ fio_json() {
         --output-format=json --output="$out" "$@" >/dev/null 2>>"$LOGS/fio.err"
 }
 
-# fio_value JSON bw|iops|lat: MiB/s, IOPS, or the mean completion latency (ms);
+# fio_value JSON bw|iops|lat|p50|p99: MiB/s, IOPS, or the completion latency
+# (ms: mean, median, 99th percentile);
 # fails when fio saw an error.
 fio_value() {
     python3 - "$@" <<'EOF'
@@ -376,8 +377,11 @@ if what == "bw":
     print(f"{r['io_bytes'] / r['runtime'] * 1000 / 2**20:.1f}")
 elif what == "iops":
     print(f"{r['iops']:.0f}")
-else:
+elif what == "lat":
     print(f"{r['clat_ns']['mean'] / 1e6:.2f}")
+else:
+    pct = {"p50": "50.000000", "p99": "99.000000"}[what]
+    print(f"{r['clat_ns']['percentile'][pct] / 1e6:.2f}")
 EOF
 }
 
@@ -425,19 +429,22 @@ measure_seq() {   # measure_seq TOOL REP
 }
 
 measure_rand() {   # measure_rand TOOL REP
-    local tool=$1 rep=$2 json=$LOGS/rand4-$1-$2.json mark v lat
+    local tool=$1 rep=$2 json=$LOGS/rand4-$1-$2.json mark v lat p50 p99
     cold img.qcow2
     mark=$(link_mark)
     if ! mount_tool "$tool" img.qcow2; then na rand4 "$tool" "$rep" "$NA"; return; fi
     if fio_json "$json" --rw=randread --bs=4k --direct=1 --numjobs=4 --time_based --runtime="$BENCH_RUNTIME" \
         --group_reporting --randseed="$BENCH_SEED" --size="$BYTES" &&
         v=$(fio_value "$json" iops) && lat=$(fio_value "$json" lat) &&
+        p50=$(fio_value "$json" p50) && p99=$(fio_value "$json" p99) &&
         REQ_SINCE=$(link_requests "$mark") && check_bytes "$FILE"; then
         umount_tool "$tool"
         record rand4 "$tool" "$rep" "$v"
         record rand4_lat "$tool" "$rep" "$lat"
+        record rand4_p50 "$tool" "$rep" "$p50"
+        record rand4_p99 "$tool" "$rep" "$p99"
         record_requests rand4 "$tool" "$rep"
-        log "  rand4 $tool #$rep: $v IOPS, mean latency $lat ms ($REQS)"
+        log "  rand4 $tool #$rep: $v IOPS, latency mean $lat ms, median $p50 ms, p99 $p99 ms ($REQS)"
     else
         umount_tool "$tool"
         na rand4 "$tool" "$rep" "${NA:-fio failed or timed out (see $json, $LOGS/fio.err)}"

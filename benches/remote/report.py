@@ -107,9 +107,10 @@ def main():
     p(f"| rand 4 KiB O_DIRECT, 4 threads, cold, qcow2 zstd (IOPS) | {fmt(a)} | {TOOLS['qsd']} | {fmt(b)} | {ratio(a, b)} | |")
     a, b = med(s, "rand4", "snapmount"), med(s, "rand4", "qsd-ra0")
     p(f"| rand 4 KiB O_DIRECT, 4 threads, cold (IOPS) | {fmt(a)} | {TOOLS['qsd-ra0']} | {fmt(b)} | {ratio(a, b)} | |")
-    for tool in ("qsd", "qsd-ra0"):
-        a, b = med(s, "rand4_lat", "snapmount"), med(s, "rand4_lat", tool)
-        p(f"| rand: mean read latency (ms) | {fmt(a, 2)} | {TOOLS[tool]} | {fmt(b, 2)} | {ratio(a, b)} | |")
+    for m, what in (("rand4_lat", "mean"), ("rand4_p50", "median"), ("rand4_p99", "99th percentile")):
+        for tool in ("qsd", "qsd-ra0"):
+            a, b = med(s, m, "snapmount"), med(s, m, tool)
+            p(f"| rand: {what} read latency (ms) | {fmt(a, 1)} | {TOOLS[tool]} | {fmt(b, 1)} | {ratio(a, b)} | |")
     for tool in ("qsd", "qsd-ra0"):
         a, b = med(s, "rand4_mib", "snapmount"), med(s, "rand4_mib", tool)
         p(f"| rand: MiB fetched in the run | {fmt(a)} | {TOOLS[tool]} | {fmt(b)} | {ratio(a, b)} | |")
