@@ -103,7 +103,7 @@ daemon off;
 error_log $LINK_STATE/nginx-error.log warn;
 events { worker_connections 1024; }
 http {
-    log_format bench '\$msec \$request_method \$uri \$status "\$http_range" \$body_bytes_sent \$connection "\$http_if_match"';
+    log_format bench '\$msec \$request_method \$uri \$status "\$http_range" \$body_bytes_sent \$connection "\$http_if_match" \$connection_requests "\$http_connection" "\$http_user_agent"';
     access_log $LINK_STATE/access.log bench;
     client_body_temp_path $LINK_STATE/tmp/body;
     proxy_temp_path $LINK_STATE/tmp/proxy;
