@@ -134,7 +134,12 @@ impl Http {
             // GET is asked instead.
             other => return Err(Failure::Fatal(format!("HEAD answered {other}"))),
         }
-        let total = head("content-length").and_then(|v| v.parse::<u64>().ok());
+        // A Content-Range, where a server sends one, says the whole size
+        // (hexz serve's Content-Length stops at 32 MiB, its range does not).
+        let total = head("content-range")
+            .and_then(|v| parse_content_range(&v))
+            .map(|(_, total)| total)
+            .or_else(|| head("content-length").and_then(|v| v.parse::<u64>().ok()));
         let ranges =
             head("accept-ranges").is_some_and(|v| v.split(',').any(|u| u.trim().eq_ignore_ascii_case("bytes")));
         let answer = Answer {
