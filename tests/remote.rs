@@ -815,3 +815,86 @@ fn s3_wrong_secret_is_refused_naming_the_url() {
     let m = mount_with_env(&sw.env(), &["--s3-endpoint", &sw.endpoint], &[Path::new(&url)], &mnt);
     m.assert_matches(&img, &t.scratch);
 }
+
+/// URLs work where mount(8) and fstab pass them: `mount -t fuse.snapmount
+/// http://… MNT -o remote_timeout=…,cache_dir=…` and an fstab line with an
+/// s3:// source and `s3_endpoint=` (credentials from the environment mount(8)
+/// hands its helper); the views equal the oracle's, and /proc/mounts shows
+/// no URL query.
+#[test]
+fn mount_8_and_fstab_take_urls() {
+    let t = setup("mount8");
+    let img = t.www.join("img.qcow2");
+    create_qcow2(&img, "16M", "", None);
+    qemu_io(&img, &["write -P 0x5a 0 3M", "write -P 0xa5 9M 1M"]);
+    let helper = PathBuf::from("/sbin/mount.fuse.snapmount");
+    let made_link = !helper.exists();
+    if made_link {
+        std::os::unix::fs::symlink(bin(), &helper).expect("make the mount helper link (needs root)");
+    }
+    struct Unlink(Option<PathBuf>);
+    impl Drop for Unlink {
+        fn drop(&mut self) {
+            if let Some(p) = &self.0 {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+    let _unlink = Unlink(made_link.then(|| helper.clone()));
+    let mnt = t.mnt("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            force_unmount(&self.0);
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+
+    let ngx = Nginx::serve(&t.www);
+    let url = format!("{}?token=secret-query", ngx.url("img.qcow2"));
+    let cache = t.root.join("cache");
+    let opts = format!("remote_timeout=10,cache_dir={},cache_size=32M", cache.display());
+    let o = exec(
+        "mount",
+        &["-t", "fuse.snapmount", url.as_str(), s(&mnt), "-o", opts.as_str()],
+        None,
+        Duration::from_secs(60),
+    );
+    assert!(o.success(), "mount -t fuse.snapmount {url}\n{}", o.describe());
+    assert!(is_mountpoint(&mnt));
+    let line =
+        std::fs::read_to_string("/proc/mounts").unwrap().lines().find(|l| l.contains(s(&mnt))).unwrap().to_string();
+    assert!(line.contains(&ngx.url("img.qcow2")) && !line.contains("secret-query"), "/proc/mounts: {line}");
+    let exp = t.scratch.join("img.raw");
+    oracle_raw(&img, &exp);
+    assert_files_equal(&mnt.join("img.qcow2/disk.raw"), &exp);
+    assert!(std::fs::read_dir(&cache).unwrap().next().is_some(), "cache_dir= was taken");
+    run("umount", &[s(&mnt)]);
+    assert!(!is_mountpoint(&mnt));
+
+    // An fstab line with an s3:// source, mounted by its mountpoint alone.
+    let sw = Seaweed::start();
+    let b = sw.bucket.clone();
+    sw.put(&b, "vm/img.qcow2", &img);
+    let fstab = t.root.join("fstab");
+    std::fs::write(
+        &fstab,
+        format!(
+            "{} {} fuse.snapmount ro,noauto,s3_endpoint={},remote_timeout=10 0 0\n",
+            sw.url(&b, "vm/img.qcow2"),
+            mnt.display(),
+            sw.endpoint
+        ),
+    )
+    .unwrap();
+    let mut args: Vec<String> = Vec::new();
+    for (k, v) in sw.env() {
+        args.push(format!("{k}={v}"));
+    }
+    args.extend(["mount".into(), "--fstab".into(), fstab.display().to_string(), mnt.display().to_string()]);
+    let o = exec("env", &args, None, Duration::from_secs(60));
+    assert!(o.success(), "mount --fstab with an s3:// line\n{}", o.describe());
+    assert_files_equal(&mnt.join("img.qcow2/disk.raw"), &exp);
+    run("umount", &[s(&mnt)]);
+}
