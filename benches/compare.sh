@@ -23,6 +23,9 @@
 #   BENCH_IMAGES   images whose reads are measured (default: qcow2-raw qcow2-zlib
 #                  qcow2-zstd qcow2-luks hexz-lz4 hexz-zstd); BENCH_MOUNT_REPEAT=0
 #                  skips the mount times
+#   BENCH_REMOTE   1 (the default): also the remote rows, over a link made on
+#                  this machine (benches/remote.sh, same snapmount binary,
+#                  scratch dir $BENCH_DIR/remote, its report appended); 0 skips them
 #
 # Output: one markdown table on stdout, also written to $BENCH_DIR/results.md
 # with the targets and every sample; raw samples in $BENCH_DIR/results.tsv.
@@ -568,6 +571,18 @@ main() {
     # The comparison table on stdout; targets and samples are in the file.
     sed -n '/^## Comparison/,/^## Targets/p' "$REPORT" | sed '$d'
     sed -n '/^## Targets/,/^## All samples/p' "$REPORT" | sed '$d'
+    if [[ ${BENCH_REMOTE:-1} == 1 ]]; then
+        # Reading over HTTP (1 Gbit/s, 10 ms round trip) against QSD's curl
+        # driver and download-then-hexz-mount: its own script, as it sets up
+        # a network namespace; the same binary, its report appended here.
+        log "remote rows: benches/remote.sh"
+        BENCH_DIR="$BENCH_DIR/remote" SNAPMOUNT="$SNAPMOUNT" BENCH_REPEAT="$BENCH_REPEAT" \
+            "$REPO/benches/remote.sh" >"$LOGS/remote.out" 2>&1 || log "remote rows failed: see $LOGS/remote.out"
+        if [[ -f $BENCH_DIR/remote/results.md ]]; then
+            { echo; sed 's/^#/##/' "$BENCH_DIR/remote/results.md"; } >>"$REPORT"
+            sed -n '/^## Comparison/,/^## All samples/p' "$BENCH_DIR/remote/results.md" | sed '$d'
+        fi
+    fi
     echo "Full report (table, targets, every sample): $REPORT"
 }
 
