@@ -188,3 +188,22 @@ impl Drop for MountGuard {
         force_unmount(&self.0);
     }
 }
+
+/// The kernel's read-ahead for a mount is raised past the 128 KiB it sets
+/// from FUSE's INIT (root may write its bdi knob): buffered sequential
+/// readers then keep several requests in flight.
+#[test]
+fn the_mount_reads_ahead_4_mib() {
+    preflight();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image_with_snapshots(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    let m = Mount::new(&[&img], &mnt);
+    let dev = std::fs::metadata(&m.dir).unwrap().dev();
+    let knob = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
+    // Set by a thread of the daemon right after the mount went live.
+    let raised = wait_for(Duration::from_secs(10), || {
+        std::fs::read_to_string(&knob).map(|v| v.trim() == "4096").unwrap_or(false)
+    });
+    assert!(raised, "{knob}: {:?}", std::fs::read_to_string(&knob));
+}

@@ -176,9 +176,36 @@ fn serve(mut session: Session<SnapFs>, mountpoint: &Path) -> Result<()> {
             }
         })
         .context("cannot start the signal thread")?;
+    raise_readahead_when_live(mountpoint);
     session.run().with_context(|| format!("{}: FUSE session ended with an error", mountpoint.display()))?;
     info!("{} unmounted", mountpoint.display());
     Ok(())
+}
+
+/// The kernel's read-ahead for the mount (KiB): buffered sequential readers
+/// then keep several 1 MiB requests in flight, which the FUSE threads decode
+/// in parallel, instead of one 128 KiB window at a time.
+const READAHEAD_KB: u64 = 4096;
+
+/// Raises the mount's read-ahead once FUSE's INIT is done (the kernel sets
+/// it from INIT's reply, at most the 128 KiB it offered; its sysfs knob,
+/// root's to write, has no such cap). A `stat` of the mountpoint returns
+/// only after INIT. Best effort: a reader is merely slower without it.
+fn raise_readahead_when_live(mountpoint: &Path) {
+    let mountpoint = mountpoint.to_path_buf();
+    let spawned = std::thread::Builder::new().name("readahead".into()).spawn(move || {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::metadata(&mountpoint) else { return };
+        let dev = meta.dev();
+        let knob = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
+        match std::fs::write(&knob, READAHEAD_KB.to_string()) {
+            Ok(()) => tracing::debug!("{knob}: {READAHEAD_KB}"),
+            Err(e) => tracing::debug!("{knob}: read-ahead left as the kernel set it ({e})"),
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::debug!("no read-ahead thread: {e}");
+    }
 }
 
 const SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
