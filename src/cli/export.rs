@@ -113,44 +113,70 @@ pub fn export(
     let total: u64 = pieces.iter().map(|p| p.1 as u64).sum();
     let progress = Progress::new(progress, size, total);
 
-    // Workers take the next piece, read (decompress, decrypt) it and write it
-    // where it belongs: reads of one piece run while others are written, on
-    // every core. Offsets make the order of writes irrelevant.
+    // Workers take the next piece and read (decompress, decrypt) it, on
+    // every core; one writer writes the pieces where they belong (offsets
+    // make their order irrelevant). One writer, because writers of one file
+    // queue on its inode lock: three of them spent most of their time
+    // spinning there. A few buffers circulate between them.
     let next = AtomicUsize::new(0);
     let written = AtomicU64::new(0);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 16) + 1;
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..2 * workers {
+        free_tx.send(vec![0u8; PIECE as usize]).expect("the pool is open");
+    }
+    let free_rx = std::sync::Mutex::new(free_rx);
+    let (full_tx, full_rx) = std::sync::mpsc::channel::<(u64, usize, Vec<u8>)>();
     let view = &view;
     std::thread::scope(|scope| -> Result<()> {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
-                scope.spawn(|| -> Result<()> {
-                    let mut buf = vec![0u8; PIECE as usize];
+                let full_tx = full_tx.clone();
+                let (free_tx, free_rx, next, pieces, progress) = (free_tx.clone(), &free_rx, &next, &pieces, &progress);
+                scope.spawn(move || -> Result<()> {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(&(at, n)) = pieces.get(i) else { return Ok(()) };
-                        let result = view.read_at(&mut buf[..n], at).map_err(anyhow::Error::from).and_then(|()| {
-                            // Zero runs inside data stay holes too.
-                            if buf[..n].iter().any(|&b| b != 0) {
-                                out.write_all_at(&buf[..n], at)
-                                    .with_context(|| format!("{}: write failed", output.display()))?;
-                                written.fetch_add(n as u64, Ordering::Relaxed);
-                            }
-                            Ok(())
-                        });
-                        if result.is_err() {
+                        let Ok(mut buf) = free_rx.lock().map_err(|_| ()).and_then(|r| r.recv().map_err(|_| ())) else {
+                            return Ok(());
+                        };
+                        if let Err(e) = view.read_at(&mut buf[..n], at) {
                             // The others stop at their next piece.
                             next.store(pieces.len(), Ordering::Relaxed);
-                            return result;
+                            return Err(e.into());
                         }
-                        progress.advance(n as u64);
+                        // Zero runs inside data stay holes too.
+                        if buf[..n].iter().any(|&b| b != 0) {
+                            let _ = full_tx.send((at, n, buf));
+                        } else {
+                            progress.advance(n as u64);
+                            let _ = free_tx.send(buf);
+                        }
                     }
                 })
             })
             .collect();
+        drop(full_tx);
+        let mut failed = None;
+        for (at, n, buf) in full_rx {
+            if failed.is_none() {
+                match out.write_all_at(&buf[..n], at) {
+                    Ok(()) => {
+                        written.fetch_add(n as u64, Ordering::Relaxed);
+                        progress.advance(n as u64);
+                    }
+                    Err(e) => {
+                        next.store(pieces.len(), Ordering::Relaxed);
+                        failed = Some(anyhow::Error::from(e).context(format!("{}: write failed", output.display())));
+                    }
+                }
+            }
+            let _ = free_tx.send(buf);
+        }
         for h in handles {
             h.join().map_err(|_| anyhow!("an export worker panicked"))??;
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     })?;
     if sync {
         out.sync_all().with_context(|| format!("{}: sync failed", output.display()))?;
