@@ -30,7 +30,7 @@ command -v losetup >/dev/null && command -v mount >/dev/null && command -v partx
 command -v sfdisk >/dev/null || need+=(fdisk)
 command -v mkfs.vfat >/dev/null || need+=(dosfstools)
 command -v mtype >/dev/null || need+=(mtools)
-[ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v curl >/dev/null || need+=(curl)
 command -v openssl >/dev/null || need+=(openssl)

@@ -22,41 +22,8 @@ use std::time::Duration;
 /// No variables for the daemon (HTTP needs no credentials).
 const NO_ENV: &[(&str, &str)] = &[];
 
-struct T {
-    _td: Option<tempfile::TempDir>,
-    root: PathBuf,
-    /// What the servers serve (or what is uploaded).
-    www: PathBuf,
-    /// Oracles and source data.
-    scratch: PathBuf,
-}
-
-impl T {
-    fn mnt(&self, name: &str) -> PathBuf {
-        self.root.join(name)
-    }
-}
-
-fn setup(name: &str) -> T {
-    preflight();
-    let td = tempfile::Builder::new().prefix(&format!("snapmount-remote-{name}-")).tempdir().unwrap();
-    let root = td.path().canonicalize().unwrap();
-    let www = root.join("www");
-    let scratch = root.join("scratch");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::create_dir_all(&scratch).unwrap();
-    let td = if std::env::var_os("SNAPMOUNT_TEST_KEEP").is_some() {
-        eprintln!("keeping test directory {}", root.display());
-        let _ = td.keep();
-        None
-    } else {
-        Some(td)
-    };
-    T { _td: td, root, www, scratch }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+fn setup(name: &str) -> Site {
+    Site::new(&format!("snapmount-remote-{name}-"))
 }
 
 fn hexz(dir: &Path, args: &[&str]) {

@@ -50,15 +50,7 @@ fn image(dir: &Path, mib: u64, seed: u64) -> PathBuf {
     let src = dir.join("img.src");
     gen_data(&src, mib * MIB, seed);
     let img = dir.join(NAME);
-    qemu_img(&[
-        OsStr::new("convert"),
-        "-f".as_ref(),
-        "raw".as_ref(),
-        "-O".as_ref(),
-        "qcow2".as_ref(),
-        src.as_os_str(),
-        img.as_os_str(),
-    ]);
+    raw_to_qcow2(&src, &img);
     std::fs::remove_file(&src).unwrap();
     img
 }

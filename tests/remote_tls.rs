@@ -36,47 +36,14 @@ const NO_ENV: &[(&str, &str)] = &[];
 /// too many redirects, an untrusted certificate).
 const REFUSAL_BOUND: Duration = Duration::from_secs(10);
 
-/// `--remote-timeout` of the mounts refused for their certificate in the
-/// tests that pass today: snapmount retries a failed certificate check as if
-/// it were a network error, for all of --remote-timeout (see
-/// `untrusted_certificates_are_refused_at_once_in_one_line`).
+/// `--remote-timeout` of the mounts refused for their certificate: a bound
+/// in case a certificate failure were ever retried again as a network error
+/// (it once was, for all of --remote-timeout); that it is refused at once is
+/// `untrusted_certificates_are_refused_at_once_in_one_line`'s to check.
 const CERT_RETRY_SECS: u64 = 3;
 
-struct T {
-    _td: Option<tempfile::TempDir>,
-    root: PathBuf,
-    /// What nginx serves.
-    www: PathBuf,
-    /// Oracles and source data.
-    scratch: PathBuf,
-}
-
-impl T {
-    fn mnt(&self, name: &str) -> PathBuf {
-        self.root.join(name)
-    }
-}
-
-fn setup(name: &str) -> T {
-    preflight();
-    let td = tempfile::Builder::new().prefix(&format!("snapmount-tls-{name}-")).tempdir().unwrap();
-    let root = td.path().canonicalize().unwrap();
-    let www = root.join("www");
-    let scratch = root.join("scratch");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::create_dir_all(&scratch).unwrap();
-    let td = if std::env::var_os("SNAPMOUNT_TEST_KEEP").is_some() {
-        eprintln!("keeping test directory {}", root.display());
-        let _ = td.keep();
-        None
-    } else {
-        Some(td)
-    };
-    T { _td: td, root, www, scratch }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+fn setup(name: &str) -> Site {
+    Site::new(&format!("snapmount-tls-{name}-"))
 }
 
 // ---------------------------------------------------------------------------

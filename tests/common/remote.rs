@@ -755,3 +755,42 @@ pub fn mount_with_env<K: AsRef<str>, V: AsRef<str>, P: AsRef<Path>>(
 pub fn curl(args: &[&str]) -> Outcome {
     exec("curl", args, None, Duration::from_secs(30))
 }
+
+/// One remote test's directories, under a fresh temporary root (kept, and
+/// named on stderr, with SNAPMOUNT_TEST_KEEP): what the servers serve
+/// (`www`), oracles and source data (`scratch`), mountpoints (`mnt`).
+pub struct Site {
+    _td: Option<tempfile::TempDir>,
+    pub root: PathBuf,
+    pub www: PathBuf,
+    pub scratch: PathBuf,
+}
+
+impl Site {
+    pub fn new(prefix: &str) -> Site {
+        preflight();
+        let td = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+        let root = td.path().canonicalize().unwrap();
+        let www = root.join("www");
+        let scratch = root.join("scratch");
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::create_dir_all(&scratch).unwrap();
+        let td = if std::env::var_os("SNAPMOUNT_TEST_KEEP").is_some() {
+            eprintln!("keeping test directory {}", root.display());
+            let _ = td.keep();
+            None
+        } else {
+            Some(td)
+        };
+        Site { _td: td, root, www, scratch }
+    }
+
+    pub fn mnt(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
+
+/// A path as a `&str` argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}

@@ -172,7 +172,7 @@ impl Object {
     }
 
     fn error(&self, url: &Path, f: Failure) -> Error {
-        super::http::error(url, &failure_why(&f))
+        super::http::error(url, f.why())
     }
 
     /// Notes that the server no longer has the version opened (logged
@@ -370,7 +370,7 @@ impl Object {
     fn prefetch(&self, first: u64, count: u64) {
         let deadline = Instant::now() + self.0.remote.options.timeout;
         if let Err(f) = self.chunks(first, count, deadline) {
-            debug!("{}: read-ahead failed: {}", self.0.url.display(), failure_why(&f));
+            debug!("{}: read-ahead failed: {}", self.0.url.display(), f.why());
         }
     }
 }
@@ -398,12 +398,6 @@ impl Drop for Claimed<'_> {
         for index in left {
             self.publish(index, Err(Failure::Fatal("the fetch was abandoned".into())));
         }
-    }
-}
-
-fn failure_why(f: &Failure) -> String {
-    match f {
-        Failure::Transient { why, .. } | Failure::Changed(why) | Failure::Fatal(why) => why.clone(),
     }
 }
 

@@ -41,6 +41,15 @@ pub enum Failure {
     Fatal(String),
 }
 
+impl Failure {
+    /// The one-line reason.
+    pub fn why(&self) -> &str {
+        match self {
+            Failure::Transient { why, .. } | Failure::Changed(why) | Failure::Fatal(why) => why,
+        }
+    }
+}
+
 /// What a ranged GET learned about the object.
 #[derive(Debug, Clone)]
 pub struct Answer {
@@ -113,14 +122,7 @@ impl Http {
         headers: &[(String, String)],
         follow_redirects: bool,
     ) -> std::result::Result<(Answer, bool), Failure> {
-        let mut req = self.agent.head(url);
-        for (k, v) in headers {
-            req = req.header(k.as_str(), v.as_str());
-        }
-        if !follow_redirects {
-            req = req.config().max_redirects(0).build();
-        }
-        let resp = req.call().map_err(transport_failure)?;
+        let resp = call(self.agent.head(url), headers, follow_redirects)?;
         let redirected = redirected(url, &resp);
         let status = resp.status().as_u16();
         let head = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -164,20 +166,13 @@ impl Http {
         follow_redirects: bool,
     ) -> std::result::Result<Answer, Failure> {
         let end = start + buf.len() as u64 - 1;
-        let mut req = self.agent.get(url).header("Range", format!("bytes={start}-{end}"));
-        for (k, v) in headers {
-            req = req.header(k.as_str(), v.as_str());
-        }
-        if !follow_redirects {
-            req = req.config().max_redirects(0).build();
-        }
-        let mut resp = req.call().map_err(transport_failure)?;
+        let req = self.agent.get(url).header("Range", format!("bytes={start}-{end}"));
+        let mut resp = call(req, headers, follow_redirects)?;
         let redirected = redirected(url, &resp);
         let status = resp.status().as_u16();
         let head = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         let etag = head("etag");
         let modified = head("last-modified").and_then(|t| httpdate::parse_http_date(&t).ok());
-        let retry_after = head("retry-after").and_then(|v| parse_retry_after(&v));
         let range = head("content-range");
         let length = head("content-length").and_then(|v| v.parse::<u64>().ok());
         let (first, last, total) = match status {
@@ -211,25 +206,7 @@ impl Http {
                 }
                 _ => return Err(Failure::Fatal(format!("the server refused the range {start}-{end} (416)"))),
             },
-            412 => return Err(Failure::Changed("object changed on the server since it was opened".into())),
-            429 | 500..=599 => {
-                let why = format!("the server answered {status}{}", s3_code(&mut resp));
-                return Err(Failure::Transient { why, after: retry_after });
-            }
-            301 | 302 | 303 | 307 | 308 => {
-                return Err(Failure::Fatal(format!(
-                    "the server redirected ({status}) to {}; signed requests are not redirected \
-                     (use the right endpoint or region)",
-                    head("location").unwrap_or_default()
-                )))
-            }
-            401 | 403 => {
-                return Err(Failure::Fatal(format!("access denied ({status}{})", s3_code(&mut resp))));
-            }
-            404 => return Err(Failure::Fatal("not found (404)".into())),
-            other => {
-                return Err(Failure::Fatal(format!("the server answered {other}{}", s3_code(&mut resp))));
-            }
+            _ => return Err(refusal(status, &mut resp)),
         };
         if first == 0 && last == 0 && total == 0 {
             return Ok(Answer { total, etag, modified, filled: 0, redirected });
@@ -252,28 +229,51 @@ impl Http {
         headers: &[(String, String)],
         limit: u64,
     ) -> std::result::Result<Vec<u8>, Failure> {
-        let mut req = self.agent.get(url);
-        for (k, v) in headers {
-            req = req.header(k.as_str(), v.as_str());
-        }
-        let mut resp = req.config().max_redirects(0).build().call().map_err(transport_failure)?;
-        let status = resp.status().as_u16();
-        let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
-        match status {
+        let mut resp = call(self.agent.get(url), headers, false)?;
+        match resp.status().as_u16() {
             200 => resp
                 .body_mut()
                 .with_config()
                 .limit(limit)
                 .read_to_vec()
                 .map_err(|e| Failure::Transient { why: format!("the listing could not be read: {e}"), after: None }),
-            429 | 500..=599 => Err(Failure::Transient {
-                why: format!("the server answered {status}{}", s3_code(&mut resp)),
-                after: retry_after,
-            }),
-            401 | 403 => Err(Failure::Fatal(format!("access denied ({status}{})", s3_code(&mut resp)))),
-            404 => Err(Failure::Fatal(format!("not found (404{})", s3_code(&mut resp)))),
-            other => Err(Failure::Fatal(format!("the server answered {other}{}", s3_code(&mut resp)))),
+            status => Err(refusal(status, &mut resp)),
         }
+    }
+}
+
+/// Sends `req` with `headers`; without `follow_redirects`, a redirect is
+/// the answer (a signature is for one host).
+fn call(
+    mut req: ureq::RequestBuilder<ureq::typestate::WithoutBody>,
+    headers: &[(String, String)],
+    follow_redirects: bool,
+) -> std::result::Result<ureq::http::Response<ureq::Body>, Failure> {
+    for (k, v) in headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    if !follow_redirects {
+        req = req.config().max_redirects(0).build();
+    }
+    req.call().map_err(transport_failure)
+}
+
+/// Why an answer other than the data is no data: a changed object (412),
+/// worth a retry (429, 5xx, with the server's Retry-After), or not.
+fn refusal(status: u16, resp: &mut ureq::http::Response<ureq::Body>) -> Failure {
+    let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let after = header("retry-after").and_then(|v| parse_retry_after(&v));
+    let location = header("location").unwrap_or_default();
+    match status {
+        412 => Failure::Changed("object changed on the server since it was opened".into()),
+        429 | 500..=599 => Failure::Transient { why: format!("the server answered {status}{}", s3_code(resp)), after },
+        301 | 302 | 303 | 307 | 308 => Failure::Fatal(format!(
+            "the server redirected ({status}) to {location}; signed requests are not redirected \
+             (use the right endpoint or region)"
+        )),
+        401 | 403 => Failure::Fatal(format!("access denied ({status}{})", s3_code(resp))),
+        404 => Failure::Fatal(format!("not found (404{})", s3_code(resp))),
+        other => Failure::Fatal(format!("the server answered {other}{}", s3_code(resp))),
     }
 }
 

@@ -190,7 +190,7 @@ impl Remote {
         }
         let http_url = self.http_url(url, &loc)?;
         let deadline = Instant::now() + self.options.timeout;
-        let fail = |f: Failure| http::error(url, &failure_text(f));
+        let fail = |f: Failure| http::error(url, f.why());
         let head = self.retrying(url, deadline, || {
             let headers = self.auth(url, &loc, "HEAD", &http_url)?;
             self.http.head(&http_url, &headers, loc.follows_redirects())
@@ -274,7 +274,7 @@ impl Remote {
                     let headers = s3.sign("GET", &list_url).map_err(Failure::Fatal)?;
                     self.http.get_document(&list_url, &headers, MAX_LISTING_PAGE)
                 })
-                .map_err(|f| http::error(url, &format!("cannot list: {}", failure_text(f))))?;
+                .map_err(|f| http::error(url, &format!("cannot list: {}", f.why())))?;
             let (keys, next) = s3::parse_listing(&page).map_err(|e| http::error(url, &format!("cannot list: {e}")))?;
             for key in keys {
                 // Folder markers, and keys a broken server returns outside
@@ -301,13 +301,6 @@ impl Location {
     /// a signed S3 request is for one host only.
     fn follows_redirects(&self) -> bool {
         matches!(self, Location::Http { .. })
-    }
-}
-
-/// The one-line reason of a failure.
-fn failure_text(f: Failure) -> String {
-    match f {
-        Failure::Transient { why, .. } | Failure::Changed(why) | Failure::Fatal(why) => why,
     }
 }
 
