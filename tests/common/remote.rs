@@ -794,3 +794,35 @@ impl Site {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// Under `www`: `base/base.qcow2` (with a snapshot of its own) and
+/// `vm/top.qcow2` on it as `../base/base.qcow2`, with two internal snapshots
+/// between writes (zeroes, discards, compressed clusters); returns the two.
+pub fn make_chain(www: &Path, scratch: &Path, seed: u64) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(www.join("base")).unwrap();
+    std::fs::create_dir_all(www.join("vm")).unwrap();
+    gen_data(&scratch.join("c8.bin"), 8 * MIB, seed);
+    gen_data(&scratch.join("c4.bin"), 4 * MIB, seed + 1);
+    bash(
+        www,
+        &format!(
+            r#"
+            q() {{ qemu-io "$@" >/dev/null; }}
+            qemu-img create -q -f qcow2 base/base.qcow2 32M
+            q -c "write -s {d8} 0 8M" -c 'write -P 0x5b 20M 3M' base/base.qcow2
+            qemu-img snapshot -c base-snap base/base.qcow2
+            q -c 'write -P 0x5c 28M 1M' base/base.qcow2
+            cd vm
+            qemu-img create -q -f qcow2 -b ../base/base.qcow2 -F qcow2 top.qcow2
+            q -c "write -s {d4} 1M 4M" -c 'write -z 21M 512k' top.qcow2
+            qemu-img snapshot -c before top.qcow2
+            q -c 'write -P 0x71 2M 1M' -c 'write -c -P 0x72 12M 1M' -c 'discard 1M 64k' top.qcow2
+            qemu-img snapshot -c 'after edits' top.qcow2
+            q -c 'write -P 0x73 30M 2M' -c 'write -z 0 64k' top.qcow2
+            "#,
+            d8 = s(&scratch.join("c8.bin")),
+            d4 = s(&scratch.join("c4.bin")),
+        ),
+    );
+    (www.join("vm/top.qcow2"), www.join("base/base.qcow2"))
+}
