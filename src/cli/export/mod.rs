@@ -1,15 +1,13 @@
 //! `snapmount export SOURCE[@SNAPSHOT] OUTPUT`: writes one view to a raw
 //! file without FUSE, leaving holes where the source is unallocated or zero.
 
-use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 
 use snapmount::cache::BlockCache;
 use snapmount::catalog::{Catalog, Content};
@@ -18,7 +16,10 @@ use snapmount::view::View;
 use super::password::PasswordFiles;
 use super::RuleArgs;
 
-/// The unit of work (and of writing) of the export workers.
+mod output;
+use output::{Buffer, Output, BLOCK};
+
+/// The unit of work of the export workers (a multiple of BLOCK).
 const PIECE: u64 = 4 << 20;
 
 /// Splits `vm.qcow2@before-upgrade` into the file and the snapshot, unless
@@ -87,52 +88,38 @@ pub fn export(
     let passwords = |image: &Path| password_files.password_for(image);
     let catalog = Catalog::build(std::slice::from_ref(&file), &cache, &passwords, rules)?;
     let view = select(&catalog, &file, snapshot.as_deref())?;
-    let out = File::create(output).with_context(|| format!("{}: cannot create", output.display()))?;
-    out.set_len(view.size()).with_context(|| format!("{}: cannot size", output.display()))?;
-
-    // The allocation map first (cheap: metadata only), so that holes are
-    // never read and the data splits into pieces the workers share.
     let size = view.size();
-    let mut pieces = Vec::new();
-    let mut pos = 0u64;
-    while pos < size {
-        let extent = view.extent(pos, u64::MAX)?;
-        let end = pos + extent.len;
-        if extent.data {
-            let mut at = pos;
-            while at < end {
-                // Pieces aligned to PIECE, so that writes stay large and
-                // aligned even where extents are short.
-                let next = ((at / PIECE + 1) * PIECE).min(end);
-                pieces.push((at, (next - at) as usize));
-                at = next;
-            }
-        }
-        pos = end;
-    }
+    let pieces = pieces(view.as_ref())?;
     let total: u64 = pieces.iter().map(|p| p.1 as u64).sum();
     let progress = Progress::new(progress, size, total);
+    let mut out = Output::create(output, size)?;
 
     // Workers take the next piece and read (decompress, decrypt) it, on
     // every core; one writer writes the pieces where they belong (offsets
-    // make their order irrelevant). One writer, because writers of one file
-    // queue on its inode lock: three of them spent most of their time
-    // spinning there. A few buffers circulate between them.
+    // make their order irrelevant) with many writes in flight (output.rs).
+    // A few buffers circulate between them.
     let next = AtomicUsize::new(0);
-    let written = AtomicU64::new(0);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 16) + 1;
-    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Buffer>();
     for _ in 0..2 * workers {
-        free_tx.send(vec![0u8; PIECE as usize]).expect("the pool is open");
+        free_tx.send(Buffer::new(PIECE as usize)).expect("the pool is open");
     }
+    let mut free_tx = Some(free_tx);
     let free_rx = std::sync::Mutex::new(free_rx);
-    let (full_tx, full_rx) = std::sync::mpsc::channel::<(u64, usize, Vec<u8>)>();
+    let (full_tx, full_rx) = std::sync::mpsc::channel::<(u64, usize, Buffer)>();
     let view = &view;
     std::thread::scope(|scope| -> Result<()> {
+        // On a write error: no more pieces, and the workers waiting for a
+        // buffer stop (their channel closes).
+        let stop = |e, failed: &mut Option<anyhow::Error>, free_tx: &mut Option<_>| {
+            next.store(pieces.len(), Ordering::Relaxed);
+            *failed = Some(e);
+            *free_tx = None;
+        };
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 let full_tx = full_tx.clone();
-                let (free_tx, free_rx, next, pieces, progress) = (free_tx.clone(), &free_rx, &next, &pieces, &progress);
+                let (free_rx, next, pieces) = (&free_rx, &next, &pieces);
                 scope.spawn(move || -> Result<()> {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
@@ -140,51 +127,88 @@ pub fn export(
                         let Ok(mut buf) = free_rx.lock().map_err(|_| ()).and_then(|r| r.recv().map_err(|_| ())) else {
                             return Ok(());
                         };
-                        if let Err(e) = view.read_at(&mut buf[..n], at) {
+                        if let Err(e) = view.read_at(&mut buf.bytes_mut()[..n], at) {
                             // The others stop at their next piece.
                             next.store(pieces.len(), Ordering::Relaxed);
                             return Err(e.into());
                         }
-                        // Zero runs inside data stay holes too.
-                        if buf[..n].iter().any(|&b| b != 0) {
-                            let _ = full_tx.send((at, n, buf));
-                        } else {
-                            progress.advance(n as u64);
-                            let _ = free_tx.send(buf);
-                        }
+                        let _ = full_tx.send((at, n, buf));
                     }
                 })
             })
             .collect();
         drop(full_tx);
+        // Buffers come back from the output only as their writes complete:
+        // with nothing decoded to write, wait for those rather than for the
+        // workers, who may be waiting for those very buffers.
         let mut failed = None;
-        for (at, n, buf) in full_rx {
-            if failed.is_none() {
-                match out.write_all_at(&buf[..n], at) {
-                    Ok(()) => {
-                        written.fetch_add(n as u64, Ordering::Relaxed);
-                        progress.advance(n as u64);
+        loop {
+            let next_full = match full_rx.try_recv() {
+                Ok(full) => Some(full),
+                Err(std::sync::mpsc::TryRecvError::Empty) if out.busy() && failed.is_none() => {
+                    match out.wait() {
+                        Ok(done) => done.into_iter().for_each(|b| drop(free_tx.as_ref().map(|tx| tx.send(b)))),
+                        Err(e) => stop(e, &mut failed, &mut free_tx),
                     }
-                    Err(e) => {
-                        next.store(pieces.len(), Ordering::Relaxed);
-                        failed = Some(anyhow::Error::from(e).context(format!("{}: write failed", output.display())));
-                    }
+                    continue;
                 }
+                Err(_) => full_rx.recv().ok(),
+            };
+            let Some((at, n, buf)) = next_full else { break };
+            if failed.is_some() {
+                continue;
             }
-            let _ = free_tx.send(buf);
+            match out.write(at, n, buf) {
+                Ok(done) => {
+                    progress.advance(n as u64);
+                    done.into_iter().for_each(|b| drop(free_tx.as_ref().map(|tx| tx.send(b))));
+                }
+                Err(e) => stop(e, &mut failed, &mut free_tx),
+            }
         }
         for h in handles {
             h.join().map_err(|_| anyhow!("an export worker panicked"))??;
         }
         failed.map_or(Ok(()), Err)
     })?;
-    if sync {
-        out.sync_all().with_context(|| format!("{}: sync failed", output.display()))?;
-    }
+    let written = out.written();
+    out.finish(sync)?;
     progress.finish();
-    let written = written.load(Ordering::Relaxed);
     eprintln!("{}: {} bytes ({} written, the rest left sparse)", output.display(), size, written);
     Ok(())
+}
+
+/// The ranges of the view to read, as (offset, length): its data extents,
+/// widened to whole blocks (holes are never read, and writes stay aligned
+/// for O_DIRECT), cut at PIECE boundaries so that pieces are large and the
+/// workers share them out.
+fn pieces(view: &dyn View) -> Result<Vec<(u64, usize)>> {
+    let size = view.size();
+    let block = BLOCK as u64;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let extent = view.extent(pos, u64::MAX)?;
+        let end = pos + extent.len;
+        if extent.data {
+            let (start, end) = (pos / block * block, end.div_ceil(block).saturating_mul(block).min(size));
+            match ranges.last_mut() {
+                Some((_, last)) if *last >= start => *last = end,
+                _ => ranges.push((start, end)),
+            }
+        }
+        pos = end;
+    }
+    let mut pieces = Vec::new();
+    for (start, end) in ranges {
+        let mut at = start;
+        while at < end {
+            let next = ((at / PIECE + 1) * PIECE).min(end);
+            pieces.push((at, (next - at) as usize));
+            at = next;
+        }
+    }
+    Ok(pieces)
 }
 
 /// Progress on a terminal (a line with the rate and the time left, as
