@@ -23,6 +23,8 @@
 #   BENCH_IMAGES   images whose reads are measured (default: qcow2-raw qcow2-zlib
 #                  qcow2-zstd qcow2-luks hexz-lz4 hexz-zstd); BENCH_MOUNT_REPEAT=0
 #                  skips the mount times
+#   BENCH_EXPORT   1 (the default): also `snapmount export` against `qemu-img
+#                  convert` of every qcow2 image; 0 skips it
 #   BENCH_REMOTE   1 (the default): also the remote rows, over a link made on
 #                  this machine (benches/remote.sh, same snapmount binary,
 #                  scratch dir $BENCH_DIR/remote, its report appended); 0 skips them
@@ -489,6 +491,55 @@ measure() {
     log "  $metric $image $tool #$rep: $shown"
 }
 
+# export_sample IMAGE REP: `snapmount export` against `qemu-img convert -O
+# raw` of the same image onto the same disk ($BENCH_DIR), the image in the
+# host page cache: flushed (snapmount's default; qemu-img -t writeback) and
+# not flushed (--no-sync; qemu-img's default cache mode, unsafe). Recorded
+# as MB/s of the virtual disk (size / seconds), so that higher is better.
+export_sample() {
+    local image=$1 rep=$2 img out=$BENCH_DIR/export.raw tool flushed t0 us v shown=
+    img=$(image_path "$image")
+    local secret=() opts=(-f qcow2)
+    if [[ $image == qcow2-luks ]]; then
+        secret=(--object secret,id=sec0,file="$DATA/luks.pw")
+        opts=(--image-opts)
+        img="driver=qcow2,encrypt.format=luks,encrypt.key-secret=sec0,file.filename=$img"
+    fi
+    for flushed in 1 0; do
+        for tool in snapmount qemuimg; do
+            rm -f "$out"
+            cat "$(image_path "$image")" >/dev/null   # in the page cache
+            sync
+            t0=$EPOCHREALTIME
+            case $tool/$flushed in
+                snapmount/1) "$SNAPMOUNT" export --cache-size "$BENCH_CACHE" --password-file "$DATA/luks.pw" \
+                    "$(image_path "$image")" "$out" 2>>"$LOGS/export.log" ;;
+                snapmount/0) "$SNAPMOUNT" export --no-sync --cache-size "$BENCH_CACHE" --password-file "$DATA/luks.pw" \
+                    "$(image_path "$image")" "$out" 2>>"$LOGS/export.log" ;;
+                qemuimg/1) qemu-img convert "${secret[@]}" -t writeback "${opts[@]}" "$img" -O raw "$out" ;;
+                qemuimg/0) qemu-img convert "${secret[@]}" "${opts[@]}" "$img" -O raw "$out" ;;
+            esac
+            us=$((${EPOCHREALTIME/./} - ${t0/./}))
+            v=$(awk -v b="$BYTES" -v us="$us" 'BEGIN { printf "%.1f", b / us }')
+            record "$([[ $flushed == 1 ]] && echo export || echo export_nosync)" "$image" "$tool" "$rep" "$v"
+            shown+=" $tool/$([[ $flushed == 1 ]] && echo flushed || echo no-sync) $v"
+        done
+    done
+    rm -f "$out"
+    sync
+    log "  export $image #$rep (MB/s):$shown"
+}
+
+exports() {
+    local rep image
+    for ((rep = 1; rep <= BENCH_REPEAT; rep++)); do
+        log "export, repetition $rep/$BENCH_REPEAT"
+        for image in $BENCH_IMAGES; do
+            if [[ $image == qcow2-* ]]; then export_sample "$image" "$rep"; fi
+        done
+    done
+}
+
 tools_for() {
     case $1 in
         qcow2-raw) echo "snapmount qsd zerofs rawfile" ;;   # baselines measured alongside
@@ -564,6 +615,7 @@ main() {
         echo "# load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)"
     } >"$RESULTS"
     throughput
+    if [[ ${BENCH_EXPORT:-1} == 1 ]]; then exports; fi
     mount_times
     # Other work on the machine skews everything: say how busy it was.
     echo "# load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$RESULTS"

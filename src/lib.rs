@@ -39,3 +39,18 @@ pub fn spread<T: Sync>(items: &[T], work: impl Fn(&T) + Sync) {
         }
     });
 }
+
+/// `spread` for work that writes into its item (each its own slice of one
+/// buffer, say).
+pub fn spread_mut<T: Send>(items: &mut [T], work: impl Fn(&mut T) + Sync) {
+    if items.len() < 2 {
+        return items.iter_mut().for_each(work);
+    }
+    let per = items.len().div_ceil(cpus().min(items.len()));
+    let work = &work;
+    std::thread::scope(|scope| {
+        for chunk in items.chunks_mut(per) {
+            scope.spawn(move || chunk.iter_mut().for_each(work));
+        }
+    });
+}

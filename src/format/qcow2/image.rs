@@ -11,7 +11,7 @@ use crate::view::{Extent, View};
 
 use super::crypto::{Crypto, SECTOR};
 use super::decompress::decompress;
-use super::header::Header;
+use super::header::{Compression, Header};
 use super::l2::{self, Geometry, Mapping};
 use super::snapshot::{self, Snapshot};
 use super::watch::Watch;
@@ -252,42 +252,81 @@ impl Qcow2Image {
         BlockKey { file: self.file.id(), kind: BlockKind::Cluster { stored: csize }, offset: coffset }
     }
 
+    /// Reads a compressed cluster's stored bytes into `stored` (csize long)
+    /// and decodes the first `out.len()` bytes of the cluster into `out`.
+    fn decode(&self, coffset: u64, stored: &mut [u8], guest: u64, out: &mut [u8]) -> Result<()> {
+        self.file.read_at(stored, coffset)?;
+        decompress(self.header.compression, stored, out).map_err(|msg| {
+            Error::corrupt(&self.path, guest, format!("compressed cluster at {coffset:#x}: {msg}"))
+        })
+    }
+
     /// The decompressed cluster, from the cache or from disk.
     fn compressed_cluster(&self, coffset: u64, csize: u64, guest: u64) -> Result<Arc<[u8]>> {
         self.cache.get_or_load(self.cluster_key(coffset, csize), || {
             let mut cluster = new_block(self.geo.cluster_size() as usize);
-            with_scratch(csize as usize, |stored| {
-                self.file.read_at(stored, coffset)?;
-                decompress(self.header.compression, stored, block_mut(&mut cluster)).map_err(|msg| {
-                    Error::corrupt(&self.path, guest, format!("compressed cluster at {coffset:#x}: {msg}"))
-                })
-            })?;
+            with_scratch(csize as usize, |stored| self.decode(coffset, stored, guest, block_mut(&mut cluster)))?;
             Ok(cluster)
         })
     }
 
-    /// For a request spanning several compressed clusters not yet cached,
-    /// decompresses them on several threads first (into the cache), so one
-    /// large sequential read is not bound to one core. Errors are left for
-    /// the read itself to meet and report.
-    fn decompress_ahead(&self, l1: &[u8], guest: u64, len: u64) {
-        if crate::cpus() < 2 || len < 2 * self.geo.cluster_size() {
-            return;
+    /// Bytes `within..within + out.len()` of a compressed cluster, into
+    /// `out`. From the cache when it has the cluster; for deflate, when the
+    /// read ends before the cluster does, by decoding only up to the read's
+    /// end (deflate is a stream; QEMU's zstd clusters are one zstd block,
+    /// which is decoded whole whatever is asked), and such a partial cluster
+    /// is not cached; else the whole cluster, which is cached.
+    fn read_compressed(&self, coffset: u64, csize: u64, guest: u64, within: usize, out: &mut [u8]) -> Result<()> {
+        let end = within + out.len();
+        let partial = end < self.geo.cluster_size() as usize && self.header.compression == Compression::Deflate;
+        if partial && self.cache.get(&self.cluster_key(coffset, csize)).is_none() {
+            return with_scratch(csize as usize + end, |scratch| {
+                let (stored, prefix) = scratch.split_at_mut(csize as usize);
+                self.decode(coffset, stored, guest, prefix)?;
+                out.copy_from_slice(&prefix[within..]);
+                Ok(())
+            });
         }
+        let cluster = self.compressed_cluster(coffset, csize, guest)?;
+        out.copy_from_slice(&cluster[within..end]);
+        Ok(())
+    }
+
+    /// Decodes the compressed clusters that a read of `buf` at guest offset
+    /// `guest` covers whole and the cache lacks straight into `buf`, on
+    /// several threads when there are several: a large read then costs no
+    /// copy through the cache, and takes no cache space from what smaller
+    /// reads will read again. Returns the guest offsets of the clusters
+    /// decoded, ascending.
+    fn decode_covered(&self, l1: &[u8], guest: u64, buf: &mut [u8]) -> Result<Vec<u64>> {
+        let cs = self.geo.cluster_size();
+        let end = guest + buf.len() as u64;
         let mut todo = Vec::new();
-        let mut pos = guest;
-        while pos < guest + len {
-            let Ok((mapping, run)) = self.lookup(l1, pos) else { return };
-            if let Mapping::Compressed { coffset, csize } = mapping {
+        let mut at = guest.next_multiple_of(cs);
+        while at + cs <= end {
+            if let (Mapping::Compressed { coffset, csize }, _) = self.lookup(l1, at)? {
                 if self.cache.get(&self.cluster_key(coffset, csize)).is_none() {
-                    todo.push((coffset, csize, pos));
+                    todo.push((at, coffset, csize));
                 }
             }
-            pos = pos.saturating_add(run.max(1));
+            at += cs;
         }
-        crate::spread(&todo, |&(coffset, csize, guest)| {
-            let _ = self.compressed_cluster(coffset, csize, guest);
+        // Each cluster's own slice of `buf`, and a place for its result.
+        let mut jobs = Vec::with_capacity(todo.len());
+        let (mut rest, mut rest_at) = (buf, guest);
+        for &(at, coffset, csize) in &todo {
+            let (_, tail) = rest.split_at_mut((at - rest_at) as usize);
+            let (cluster, tail) = tail.split_at_mut(cs as usize);
+            jobs.push((cluster, at, coffset, csize, Ok(())));
+            (rest, rest_at) = (tail, at + cs);
+        }
+        crate::spread_mut(&mut jobs, |(out, at, coffset, csize, result)| {
+            *result = with_scratch(*csize as usize, |stored| self.decode(*coffset, stored, *at, out));
         });
+        for (_, _, _, _, result) in jobs {
+            result?;
+        }
+        Ok(todo.into_iter().map(|(at, _, _)| at).collect())
     }
 
     /// Reads data stored at `host` (guest bytes from `guest` on) and
@@ -393,7 +432,7 @@ impl View for Qcow2View {
             return Ok(());
         }
         let l1 = self.image.l1(self.table)?;
-        self.image.decompress_ahead(&l1, self.base + offset, n as u64);
+        let decoded = self.image.decode_covered(&l1, self.base + offset, &mut buf[..n])?;
         let mut pending: Option<(Pending, usize)> = None; // (run, start in buf)
         let mut pos = 0usize;
         while pos < n {
@@ -415,9 +454,11 @@ impl View for Qcow2View {
             }
             match mapping {
                 Mapping::Compressed { coffset, csize } => {
-                    let cluster = self.image.compressed_cluster(coffset, csize, guest)?;
-                    let within = (guest & (self.image.geo.cluster_size() - 1)) as usize;
-                    buf[pos..pos + len].copy_from_slice(&cluster[within..within + len]);
+                    let within = guest & (self.image.geo.cluster_size() - 1);
+                    if decoded.binary_search(&(guest - within)).is_err() {
+                        let out = &mut buf[pos..pos + len];
+                        self.image.read_compressed(coffset, csize, guest, within as usize, out)?;
+                    }
                 }
                 _ if pending.is_some() => {}
                 Mapping::Data { host } => pending = Some((Pending::Data { host }, pos)),
