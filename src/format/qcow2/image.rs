@@ -256,9 +256,8 @@ impl Qcow2Image {
     /// and decodes the first `out.len()` bytes of the cluster into `out`.
     fn decode(&self, coffset: u64, stored: &mut [u8], guest: u64, out: &mut [u8]) -> Result<()> {
         self.file.read_at(stored, coffset)?;
-        decompress(self.header.compression, stored, out).map_err(|msg| {
-            Error::corrupt(&self.path, guest, format!("compressed cluster at {coffset:#x}: {msg}"))
-        })
+        decompress(self.header.compression, stored, out)
+            .map_err(|msg| Error::corrupt(&self.path, guest, format!("compressed cluster at {coffset:#x}: {msg}")))
     }
 
     /// The decompressed cluster, from the cache or from disk.
