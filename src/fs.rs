@@ -13,7 +13,7 @@ use fuser::{
 use tracing::{debug, error};
 
 use crate::catalog::{Catalog, Content, Ino, Node};
-use crate::view;
+use crate::view::{self, View};
 
 thread_local! {
     static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -130,21 +130,14 @@ impl Filesystem for SnapFs {
             Content::Dir(_) => reply.error(Errno::EISDIR),
             Content::Bytes(b) => reply.data(slice(b, offset, len)),
             Content::Lazy(l) => reply.data(slice(l.bytes(), offset, len)),
-            Content::View(v) => READ_BUF.with(|cell| {
-                // Each FUSE worker reuses one buffer: no allocation (and no
-                // page faults) per request.
-                let mut buf = cell.borrow_mut();
-                if buf.len() < len {
-                    buf.resize(len, 0);
-                }
-                match v.read_at(&mut buf[..len], offset) {
-                    Ok(()) => reply.data(&buf[..len]),
-                    Err(e) => {
-                        error!("read of {len} bytes at {offset:#x} failed: {e}");
-                        reply.error(Errno::from_i32(e.errno()));
-                    }
-                }
-            }),
+            // Uncompressed data in a local file goes from its page cache to
+            // the reader in one copy: the kernel copies the reply from the
+            // mapping (this process never touches those bytes).
+            Content::View(v) if len >= MAP_AT_LEAST => match v.mapped(offset, len) {
+                Some(mapped) => reply.data(mapped),
+                None => read_view(v.as_ref(), offset, len, reply),
+            },
+            Content::View(v) => read_view(v.as_ref(), offset, len, reply),
         }
     }
 
@@ -236,6 +229,29 @@ impl Filesystem for SnapFs {
             reply.ok()
         }
     }
+}
+
+/// Smaller reads are copied: asking whether a range is in the page cache
+/// costs a system call, about what copying a few pages does.
+const MAP_AT_LEAST: usize = 64 << 10;
+
+/// Answers a read of a view from a buffer it fills.
+fn read_view(v: &dyn View, offset: u64, len: usize, reply: ReplyData) {
+    READ_BUF.with(|cell| {
+        // Each FUSE worker reuses one buffer: no allocation (and no page
+        // faults) per request.
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        match v.read_at(&mut buf[..len], offset) {
+            Ok(()) => reply.data(&buf[..len]),
+            Err(e) => {
+                error!("read of {len} bytes at {offset:#x} failed: {e}");
+                reply.error(Errno::from_i32(e.errno()));
+            }
+        }
+    })
 }
 
 fn slice(bytes: &[u8], offset: u64, len: usize) -> &[u8] {

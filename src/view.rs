@@ -38,6 +38,16 @@ pub trait View: Send + Sync {
     fn may_change(&self) -> bool {
         false
     }
+
+    /// Bytes `offset..offset + len` (within `size()`), mapped from a local
+    /// file instead of read, when they lie there as they are, in one run,
+    /// and cannot change while served: a reply then costs one copy fewer.
+    /// None when they don't (compressed, encrypted, remote, spread over
+    /// several files, not in the page cache): read them. The bytes are for
+    /// the kernel only (a reply): see `Source::mapped`.
+    fn mapped(&self, _offset: u64, _len: usize) -> Option<&[u8]> {
+        None
+    }
 }
 
 /// The first offset `>= from` that holds data, or `None` if none does
@@ -134,6 +144,15 @@ impl View for RawView {
     fn may_change(&self) -> bool {
         self.at_open.is_some()
     }
+
+    fn mapped(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        // A file that may change is read, and checked, by `read_at`. Past
+        // its end (the rounding up to 512) `Source::mapped` declines.
+        if self.may_change() {
+            return None;
+        }
+        self.source.mapped(offset, len)
+    }
 }
 
 /// A view that is all zeros (for tests and placeholders).
@@ -190,5 +209,9 @@ impl View for SliceView {
 
     fn may_change(&self) -> bool {
         self.inner.may_change()
+    }
+
+    fn mapped(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        self.inner.mapped(self.start.checked_add(offset)?, len)
     }
 }

@@ -77,13 +77,21 @@ fn an_image_truncated_under_a_live_mount_fails_only_the_lost_reads() {
     let m = Mount::with_args(&["--log-file", log.to_str().unwrap()], &[&img, &other], &tmp.path().join("mnt"));
     let disk = m.disk("t.qcow2");
     assert_eq!(pread(&disk, 4096, 0).unwrap(), expected[..4096]);
+    // Large reads of data in the host's page cache are answered from a
+    // mapping of the image (small ones are copied): both kinds, before and
+    // after, around the mount's own page cache.
+    let (at, big) = (6 * MIB as usize, MIB as usize);
+    assert_eq!(pread_direct(&disk, big, at as u64).unwrap(), expected[at..at + big]);
 
     // Cut the file where guest 4 MiB is stored: what lies before stays.
     let cut = host_offset(&img, 4 * MIB);
     File::options().write(true).open(&img).unwrap().set_len(cut).unwrap();
-    let err = pread(&disk, 4096, 6 * MIB).expect_err("a read of the lost part must fail");
-    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    for len in [4096, big] {
+        let err = pread_direct(&disk, len, at as u64).expect_err("a read of the lost part must fail");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{len} bytes: {err}");
+    }
     assert_eq!(pread(&disk, 65536, MIB).unwrap(), expected[MIB as usize..MIB as usize + 65536], "the rest reads");
+    assert_eq!(pread_direct(&disk, big, MIB).unwrap(), expected[MIB as usize..MIB as usize + big], "the rest reads");
     m.assert_matches(&other, tmp.path());
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains(&img.display().to_string()) && text.contains("truncated"), "{text}");

@@ -5,7 +5,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::SystemTime;
+
+use memmap2::{Mmap, MmapOptions};
 
 use super::{FileId, Meta, Stamp};
 use crate::error::{Error, Result};
@@ -14,6 +17,11 @@ use crate::error::{Error, Result};
 pub struct LocalFile {
     pub(super) file: File,
     readahead: Readahead,
+    /// A regular file (which can be mapped), not a block device.
+    regular: bool,
+    /// The whole file (as long as it was when opened) mapped read-only,
+    /// made on the first `mapped`; None if it cannot be.
+    map: OnceLock<Option<Mmap>>,
 }
 
 /// Sequential reads of an image file ask the kernel to fetch ahead, further
@@ -62,7 +70,10 @@ impl LocalFile {
             gid: meta.gid(),
             mode: meta.mode(),
         };
-        Ok((LocalFile { file, readahead: Readahead::default() }, info))
+        Ok((
+            LocalFile { file, readahead: Readahead::default(), regular: meta.is_file(), map: Default::default() },
+            info,
+        ))
     }
 
     /// Size and modification time now: what changes when anyone writes to
@@ -108,6 +119,30 @@ impl LocalFile {
         Ok(())
     }
 
+    /// `n` bytes at `offset` as mapped memory, when they lie within the
+    /// `len` bytes the file had when it was opened and all are in the page
+    /// cache (a FUSE reply then copies them straight from there: one copy
+    /// instead of a read into a buffer and a copy out of it; bytes still on
+    /// disk are read instead, with the read-ahead `read_at` keeps, which
+    /// faults in a mapping cannot).
+    ///
+    /// The bytes are only ever handed to the kernel, never read here: if
+    /// the file were truncated under the mapping, reading them here would
+    /// die of SIGBUS, while the kernel's copy fails with EFAULT and FUSE
+    /// then fails the request with EIO.
+    pub fn mapped(&self, len: u64, offset: u64, n: usize) -> Option<&[u8]> {
+        let end = offset.checked_add(n as u64)?;
+        if !self.regular || n == 0 || end > len {
+            return None;
+        }
+        let map = self.map.get_or_init(|| map_whole(&self.file, len)).as_ref()?;
+        let bytes = &map[offset as usize..end as usize];
+        in_page_cache(map, bytes).then(|| {
+            self.read_ahead(offset, n as u64, len);
+            bytes
+        })
+    }
+
     /// When this read lands near where the previous one ended (compressed
     /// clusters leave small gaps, and the clusters of one request are read
     /// by several threads, slightly out of order), asks the kernel to start
@@ -136,5 +171,40 @@ impl LocalFile {
                 libc::POSIX_FADV_WILLNEED,
             );
         }
+    }
+}
+
+/// The file's first `len` bytes mapped read-only and shared: pages of the
+/// page cache, not copies. Its resident pages count in the daemon's RSS as
+/// file pages (RssFile), which the kernel reclaims like any page cache.
+fn map_whole(file: &File, len: u64) -> Option<Mmap> {
+    let len = usize::try_from(len).ok()?;
+    // SAFETY: the mapping is read-only and its bytes are handed only to the
+    // kernel (see `LocalFile::mapped`), so a file changed or truncated under
+    // it can neither fault this process nor break what Rust assumes of
+    // memory it reads.
+    unsafe { MmapOptions::new().len(len).map(file) }.ok()
+}
+
+/// Whether every page of `bytes` (a range of `map`) is in the page cache.
+fn in_page_cache(map: &Mmap, bytes: &[u8]) -> bool {
+    let page = page_size();
+    let skip = (bytes.as_ptr() as usize - map.as_ptr() as usize) % page;
+    let start = bytes.as_ptr().wrapping_sub(skip);
+    let pages = (skip + bytes.len()).div_ceil(page);
+    let mut resident = vec![0u8; pages];
+    // SAFETY: `start` is page-aligned (mappings start on a page) and the
+    // range lies within `map`; `resident` has one byte per page.
+    let rc = unsafe { libc::mincore(start as *mut libc::c_void, skip + bytes.len(), resident.as_mut_ptr()) };
+    rc == 0 && resident.iter().all(|r| r & 1 == 1)
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 {
+        size as usize
+    } else {
+        4096
     }
 }

@@ -214,6 +214,17 @@ impl Source {
             Backend::Remote(o) => o.read_at(&self.path, buf, offset),
         }
     }
+
+    /// `n` bytes at `offset` mapped instead of read, when the source is a
+    /// local regular file that holds them all, in the page cache (else
+    /// None: read them). Hand them to the kernel, never read them here:
+    /// see `LocalFile::mapped`.
+    pub fn mapped(&self, offset: u64, n: usize) -> Option<&[u8]> {
+        match &self.backend {
+            Backend::File(f) => f.mapped(self.meta.len, offset, n),
+            Backend::Remote(_) => None,
+        }
+    }
 }
 
 /// Where a chain of images stands on this host, for loop detection: the

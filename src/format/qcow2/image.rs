@@ -511,4 +511,22 @@ impl View for Qcow2View {
     fn may_change(&self) -> bool {
         self.image.watch.is_some()
     }
+
+    fn mapped(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let image = &self.image;
+        if image.watch.is_some() || image.crypto.is_some() {
+            return None;
+        }
+        // One run of data clusters, contiguous in the data file.
+        let l1 = image.l1(self.table).ok()?;
+        let start = self.base.checked_add(offset)?;
+        let (Mapping::Data { host }, mut run) = image.lookup(&l1, start).ok()? else { return None };
+        while run < len as u64 {
+            match image.lookup(&l1, start + run).ok()? {
+                (Mapping::Data { host: h }, more) if h == host + run => run += more,
+                _ => return None,
+            }
+        }
+        image.data.mapped(host, len)
+    }
 }
