@@ -127,9 +127,12 @@ preflight() {
             || die "cannot install fio (see $LOGS/apt.log)"
     fi
     # hexz-cli 0.8.2 with its FUSE part (for `hexz mount`): HEXZ=..., else
-    # one on PATH, else ~/.cargo/bin; the test command's copy in
-    # target/tools has no FUSE part, enough only when no HEXZ image is read.
-    HEXZ=${HEXZ:-$(command -v hexz || echo /root/.cargo/bin/hexz)}
+    # one on PATH, else the one benches/remote.sh builds, else ~/.cargo/bin;
+    # the test command's copy in target/tools has no FUSE part, enough only
+    # when no HEXZ image is read.
+    local built=$REPO/target/bench-tools/hexz-fuse/bin/hexz
+    [[ -x $built ]] || built=/root/.cargo/bin/hexz
+    HEXZ=${HEXZ:-$(command -v hexz || echo "$built")}
     if [[ ! -x $HEXZ && $BENCH_IMAGES != *hexz* ]]; then HEXZ=$REPO/target/tools/bin/hexz; fi
     [[ -x $HEXZ ]] || die "hexz (hexz-cli 0.8.2) is not installed: cargo install hexz-cli --version 0.8.2"
     build
