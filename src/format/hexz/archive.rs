@@ -48,6 +48,9 @@ const READ_AHEAD: u64 = 4 << 20;
 const SEQUENTIAL_BEHIND: u64 = 1 << 20;
 /// ... or ahead of it.
 const SEQUENTIAL_AHEAD: u64 = 128 << 10;
+/// The most blocks one read-ahead window fetches (4 MiB of hexz's smallest
+/// CDC chunks, 16 KiB, is 256).
+const MAX_AHEAD_BLOCKS: usize = 1024;
 const MAX_DICTIONARY: u32 = 16 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -360,7 +363,7 @@ impl HexzArchive {
             return Vec::new();
         }
         let mut wants = Vec::new();
-        let mut bytes = 0u64;
+        let (mut bytes, mut stored) = (0u64, 0u64);
         // Errors (a damaged index page) are for a read there to report.
         let _ = self.pieces(stream, from, to, |piece| {
             if let Piece::Block { start, global, info } = piece {
@@ -370,9 +373,12 @@ impl HexzArchive {
                 }
                 bytes += info.logical_len as u64;
                 if self.cache.get(&self.block_key(&info)).is_none() {
+                    stored += info.length as u64;
                     wants.push(Want { global, info, logical: start });
                 }
-                return Ok(bytes < window);
+                // A hostile index's tiny blocks with large stored sizes
+                // must not turn a window into much more work than its bytes.
+                return Ok(bytes < window && stored < 2 * window && wants.len() < MAX_AHEAD_BLOCKS);
             }
             Ok(true)
         });
