@@ -82,8 +82,8 @@ fn random_reads(v: &dyn View, want: &[u8], block: u64, seed: u64, rounds: usize,
             }
             // Across a block boundary (fixed blocks), or a medium read.
             3 => {
-                let (off, len) = if block > 0 {
-                    let b = rng.range(1, (size / block).max(1)) * block;
+                let (off, len) = if let Some(blocks) = size.checked_div(block) {
+                    let b = rng.range(1, blocks.max(1)) * block;
                     let before = rng.range(1, 6000);
                     (b.saturating_sub(before), (before + rng.range(1, 6000)) as usize)
                 } else {
