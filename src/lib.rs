@@ -28,16 +28,8 @@ pub fn cpus() -> usize {
 /// threads; returns when all are done. For warming the cache with the
 /// blocks of one large request.
 pub fn spread<T: Sync>(items: &[T], work: impl Fn(&T) + Sync) {
-    if items.len() < 2 {
-        return items.iter().for_each(work);
-    }
-    let per = items.len().div_ceil(cpus().min(items.len()));
-    let work = &work;
-    std::thread::scope(|scope| {
-        for chunk in items.chunks(per) {
-            scope.spawn(move || chunk.iter().for_each(work));
-        }
-    });
+    let mut items: Vec<&T> = items.iter().collect();
+    spread_mut(&mut items, |item| work(item));
 }
 
 /// `spread` for work that writes into its item (each its own slice of one
