@@ -193,15 +193,26 @@ fn map_whole(file: &File, len: u64) -> Option<Mmap> {
 
 /// Whether every page of `bytes` (a range of `map`) is in the page cache.
 fn in_page_cache(map: &Mmap, bytes: &[u8]) -> bool {
+    // Asked a stretch at a time, so a read needs no allocation.
+    const PAGES: usize = 256;
     let page = page_size();
     let skip = (bytes.as_ptr() as usize - map.as_ptr() as usize) % page;
-    let start = bytes.as_ptr().wrapping_sub(skip);
-    let pages = (skip + bytes.len()).div_ceil(page);
-    let mut resident = vec![0u8; pages];
-    // SAFETY: `start` is page-aligned (mappings start on a page) and the
-    // range lies within `map`; `resident` has one byte per page.
-    let rc = unsafe { libc::mincore(start as *mut libc::c_void, skip + bytes.len(), resident.as_mut_ptr()) };
-    rc == 0 && resident.iter().all(|r| r & 1 == 1)
+    let mut start = bytes.as_ptr().wrapping_sub(skip);
+    let mut left = skip + bytes.len();
+    let mut resident = [0u8; PAGES];
+    while left > 0 {
+        let len = left.min(PAGES * page);
+        // SAFETY: `start` is page-aligned (mappings start on a page) and
+        // `start..start + len` lies within `map`; `resident` has a byte for
+        // each of its at most PAGES pages.
+        let rc = unsafe { libc::mincore(start as *mut libc::c_void, len, resident.as_mut_ptr()) };
+        if rc != 0 || resident[..len.div_ceil(page)].iter().any(|r| r & 1 == 0) {
+            return false;
+        }
+        start = start.wrapping_add(len);
+        left -= len;
+    }
+    true
 }
 
 fn page_size() -> usize {

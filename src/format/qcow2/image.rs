@@ -291,41 +291,18 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Decodes the compressed clusters that a read of `buf` at guest offset
-    /// `guest` covers whole and the cache lacks straight into `buf`, on
-    /// several threads when there are several: a large read then costs no
-    /// copy through the cache, and takes no cache space from what smaller
-    /// reads will read again. Returns the guest offsets of the clusters
-    /// decoded, ascending.
-    fn decode_covered(&self, l1: &[u8], guest: u64, buf: &mut [u8]) -> Result<Vec<u64>> {
-        let cs = self.geo.cluster_size();
-        let end = guest + buf.len() as u64;
-        let mut todo = Vec::new();
-        let mut at = guest.next_multiple_of(cs);
-        while at + cs <= end {
-            if let (Mapping::Compressed { coffset, csize }, _) = self.lookup(l1, at)? {
-                if self.cache.get(&self.cluster_key(coffset, csize)).is_none() {
-                    todo.push((at, coffset, csize));
-                }
-            }
-            at += cs;
-        }
-        // Each cluster's own slice of `buf`, and a place for its result.
-        let mut jobs = Vec::with_capacity(todo.len());
-        let (mut rest, mut rest_at) = (buf, guest);
-        for &(at, coffset, csize) in &todo {
-            let (_, tail) = rest.split_at_mut((at - rest_at) as usize);
-            let (cluster, tail) = tail.split_at_mut(cs as usize);
-            jobs.push((cluster, at, coffset, csize, Ok(())));
-            (rest, rest_at) = (tail, at + cs);
-        }
-        crate::spread_mut(&mut jobs, |(out, at, coffset, csize, result)| {
-            *result = with_scratch(*csize as usize, |stored| self.decode(*coffset, stored, *at, out));
+    /// Decodes compressed clusters straight into the slices of a read's
+    /// buffer that they fill, on several threads when there are several:
+    /// `jobs` holds (slice, guest offset, coffset, csize) of clusters the read
+    /// covers whole and the cache lacks. A large read then costs no copy
+    /// through the cache, and takes no cache space from what smaller reads
+    /// will read again.
+    fn decode_into(&self, jobs: Vec<(&mut [u8], u64, u64, u64)>) -> Result<()> {
+        let mut jobs: Vec<_> = jobs.into_iter().map(|job| (job, Ok(()))).collect();
+        crate::spread_mut(&mut jobs, |((out, guest, coffset, csize), result)| {
+            *result = with_scratch(*csize as usize, |stored| self.decode(*coffset, stored, *guest, out));
         });
-        for (_, _, _, _, result) in jobs {
-            result?;
-        }
-        Ok(todo.into_iter().map(|(at, _, _)| at).collect())
+        jobs.into_iter().try_for_each(|(_, result)| result)
     }
 
     /// Reads data stored at `host` (guest bytes from `guest` on) and
@@ -431,7 +408,10 @@ impl View for Qcow2View {
             return Ok(());
         }
         let l1 = self.image.l1(self.table)?;
-        let decoded = self.image.decode_covered(&l1, self.base + offset, &mut buf[..n])?;
+        let cs = self.image.geo.cluster_size();
+        // Compressed clusters this read covers whole and the cache lacks, as
+        // (start in buf, guest, coffset, csize): decoded last, together.
+        let mut whole = Vec::new();
         let mut pending: Option<(Pending, usize)> = None; // (run, start in buf)
         let mut pos = 0usize;
         while pos < n {
@@ -453,8 +433,10 @@ impl View for Qcow2View {
             }
             match mapping {
                 Mapping::Compressed { coffset, csize } => {
-                    let within = guest & (self.image.geo.cluster_size() - 1);
-                    if decoded.binary_search(&(guest - within)).is_err() {
+                    let within = guest & (cs - 1);
+                    if len as u64 == cs && self.image.cache.get(&self.image.cluster_key(coffset, csize)).is_none() {
+                        whole.push((pos, guest, coffset, csize));
+                    } else {
                         let out = &mut buf[pos..pos + len];
                         self.image.read_compressed(coffset, csize, guest, within as usize, out)?;
                     }
@@ -468,6 +450,18 @@ impl View for Qcow2View {
         }
         if let Some((p, start)) = pending {
             self.flush(&p, &mut buf[start..n], self.base + offset + start as u64)?;
+        }
+        if !whole.is_empty() {
+            // Each cluster's own slice of `buf` (they are in ascending order).
+            let mut jobs = Vec::with_capacity(whole.len());
+            let (mut rest, mut rest_at) = (&mut buf[..n], 0);
+            for (pos, guest, coffset, csize) in whole {
+                let (_, tail) = rest.split_at_mut(pos - rest_at);
+                let (cluster, tail) = tail.split_at_mut(cs as usize);
+                jobs.push((cluster, guest, coffset, csize));
+                (rest, rest_at) = (tail, pos + cs as usize);
+            }
+            self.image.decode_into(jobs)?;
         }
         self.image.still_served(self.table)
     }
