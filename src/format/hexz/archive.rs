@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use tracing::warn;
@@ -13,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::io::{check_named, with_scratch, OpenRules, Source};
 use crate::view::{Extent, View};
 
-use super::codec::{self, Key, MAX_BLOCK};
+use super::codec::{self, Key, Part, MAX_BLOCK};
 use super::header::{Codec, Header, HEADER_SIZE, MAGIC};
 use super::index::{self, BlockInfo, MasterIndex, PageEntry, BLOCK_INFO_SIZE, LEGACY_BLOCK_INFO_SIZE};
 use super::manifest::Manifest;
@@ -31,6 +32,25 @@ const MAX_ITERATIONS: u32 = 20_000_000;
 #[cfg(fuzzing)]
 const MAX_ITERATIONS: u32 = MIN_ITERATIONS;
 const MAX_METADATA: u32 = 64 << 20;
+/// Missing blocks of one read (or read-ahead) are fetched with one `pread`
+/// per run of them in the file, merged across gaps of up to this many bytes
+/// (reading a gap costs less than another request on a cold disk) ...
+const MERGE_GAP: u64 = 256 << 10;
+/// ... and at most this many bytes per run (a single larger block is a run
+/// of its own).
+const MAX_RUN: u64 = 4 << 20;
+/// How far ahead of a sequential reader blocks are decoded into the cache
+/// (at most a quarter of the cache, so read-ahead does not evict itself).
+const READ_AHEAD: u64 = 4 << 20;
+/// A read continues the previous one if it starts this near its end: behind
+/// it (FUSE's worker threads may take a sequential reader's requests a
+/// little out of order) ...
+const SEQUENTIAL_BEHIND: u64 = 1 << 20;
+/// ... or ahead of it.
+const SEQUENTIAL_AHEAD: u64 = 128 << 10;
+/// The most blocks one read-ahead window fetches (4 MiB of hexz's smallest
+/// CDC chunks, 16 KiB, is 256).
+const MAX_AHEAD_BLOCKS: usize = 1024;
 const MAX_DICTIONARY: u32 = 16 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +83,31 @@ pub struct HexzArchive {
     ancestors: Vec<Arc<HexzArchive>>,
     /// Content hash -> own block, built on the first parent lookup.
     hashes: OnceLock<HashMap<[u8; 32], Located>>,
+    /// Per stream (main, auxiliary): who reads it sequentially.
+    sequence: [Sequence; 2],
+}
+
+/// Where the last read of a stream ended, and how far its blocks have been
+/// decoded ahead into the cache. Shared by all threads; a race costs at
+/// most a missed or a repeated read-ahead.
+struct Sequence {
+    /// `u64::MAX`: no read yet.
+    last_end: AtomicU64,
+    ahead: AtomicU64,
+}
+
+impl Default for Sequence {
+    fn default() -> Self {
+        Sequence { last_end: AtomicU64::new(u64::MAX), ahead: AtomicU64::new(0) }
+    }
+}
+
+/// A stored block a read needs: its entry, global index and logical start.
+#[derive(Clone, Copy)]
+struct Want {
+    global: u64,
+    info: BlockInfo,
+    logical: u64,
 }
 
 /// A run of a stream: a block, or a stretch no block covers.
@@ -208,13 +253,59 @@ impl HexzArchive {
 
     /// Reads `buf.len()` bytes of a stream at `offset`; past the declared
     /// size, zeros.
+    ///
+    /// The stored blocks the read needs that are not cached are fetched
+    /// together (`fetch`: one `pread` per run of them in the file, decoded
+    /// on several threads), with the next blocks too when the read
+    /// continues the previous one (read-ahead). A small read that misses
+    /// only part of one block decodes only up to what it asked for, and that
+    /// partial block is not cached.
     pub fn read_stream(&self, stream: Stream, buf: &mut [u8], offset: u64) -> Result<()> {
         let size = self.stream_size(stream);
         let n = size.saturating_sub(offset).min(buf.len() as u64) as usize;
         buf[n..].fill(0);
+        if n == 0 {
+            return Ok(());
+        }
         let end = offset + n as u64;
-        self.decode_ahead(stream, offset, end);
+        let sequential = self.continues(stream, offset, end);
+        let mut pieces = Vec::new();
         self.pieces(stream, offset, end, |piece| {
+            pieces.push(piece);
+            Ok(true)
+        })?;
+
+        // What the cache holds, and what is missing.
+        let mut have: Vec<Option<Arc<[u8]>>> = vec![None; pieces.len()];
+        let mut missing = Vec::new();
+        let mut missing_piece = 0;
+        for (i, piece) in pieces.iter().enumerate() {
+            if let Piece::Block { start, global, info } = *piece {
+                if info.is_sparse() || info.is_parent_ref() {
+                    continue;
+                }
+                match self.cache.get(&self.block_key(&info)) {
+                    Some(b) if b.len() == info.logical_len as usize => have[i] = Some(b),
+                    _ => {
+                        missing.push(Want { global, info, logical: start });
+                        missing_piece = i;
+                    }
+                }
+            }
+        }
+        let ahead = if sequential { self.read_ahead(stream, end) } else { Vec::new() };
+        let mut fetched = HashMap::new();
+        if let ([want], false) = (&missing[..], sequential) {
+            // One block, maybe only its start wanted: decode no further
+            // (a sequential reader will want the rest: it decodes whole).
+            let need = end.min(want.logical + want.info.logical_len as u64) - want.logical;
+            have[missing_piece] = Some(self.decode_part(want, need as usize)?);
+        } else if !missing.is_empty() || !ahead.is_empty() {
+            missing.extend(ahead);
+            fetched = self.fetch(missing);
+        }
+
+        for (i, piece) in pieces.into_iter().enumerate() {
             let (start, bytes_end) = match &piece {
                 Piece::Block { start, info, .. } => (*start, start + info.logical_len as u64),
                 Piece::Uncovered { start, end } => (*start, *end),
@@ -228,36 +319,145 @@ impl HexzArchive {
                     let within = (lo - start) as usize;
                     if info.is_sparse() {
                         dst.fill(0);
-                    } else {
-                        let block = self.block_bytes(global, &info, start)?;
-                        dst.copy_from_slice(&block[within..within + dst.len()]);
+                        continue;
                     }
+                    let block = match (have[i].take(), fetched.get(&info.offset)) {
+                        (Some(b), _) => b,
+                        (None, Some(b)) if b.len() == info.logical_len as usize && !info.is_parent_ref() => {
+                            Arc::clone(b)
+                        }
+                        // A parent reference, or a block that failed to
+                        // fetch: its own way (which reports the error).
+                        _ => self.block_bytes(global, &info, start)?,
+                    };
+                    dst.copy_from_slice(&block[within..within + dst.len()]);
                 }
             }
-            Ok(true)
-        })
+        }
+        Ok(())
     }
 
-    /// For a request spanning several stored blocks not yet cached, decodes
-    /// them on several threads first (into the cache). Errors are left for
-    /// the read itself to meet and report.
-    fn decode_ahead(&self, stream: Stream, from: u64, to: u64) {
-        // A small read spans one or two blocks: nothing to share out.
-        if crate::cpus() < 2 || to - from < 128 << 10 {
-            return;
+    /// Notes a read of `[offset, end)`; whether it continues the previous
+    /// read of the stream.
+    fn continues(&self, stream: Stream, offset: u64, end: u64) -> bool {
+        let last = self.sequence[stream as usize].last_end.swap(end, Ordering::Relaxed);
+        last != u64::MAX
+            && offset <= last.saturating_add(SEQUENTIAL_AHEAD)
+            && offset >= last.saturating_sub(SEQUENTIAL_BEHIND)
+    }
+
+    /// For a sequential reader now at `end`: the uncached stored blocks of
+    /// the next read-ahead window, unless the blocks already decoded ahead
+    /// still reach more than half a window past `end`.
+    fn read_ahead(&self, stream: Stream, end: u64) -> Vec<Want> {
+        let window = READ_AHEAD.min(self.cache.capacity() / 4);
+        let seq = &self.sequence[stream as usize];
+        let ahead = seq.ahead.load(Ordering::Relaxed);
+        let from = if ahead > end && ahead - end <= window { ahead } else { end };
+        let to = end.saturating_add(window).min(self.stream_size(stream));
+        if from >= to || from - end > window / 2 {
+            return Vec::new();
         }
-        let mut todo = Vec::new();
+        // One thread per window: another that got here first does it.
+        if seq.ahead.compare_exchange(ahead, to, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+            return Vec::new();
+        }
+        let mut wants = Vec::new();
+        let (mut bytes, mut stored) = (0u64, 0u64);
+        // Errors (a damaged index page) are for a read there to report.
         let _ = self.pieces(stream, from, to, |piece| {
             if let Piece::Block { start, global, info } = piece {
-                if !info.is_sparse() && !info.is_parent_ref() && self.cache.get(&self.block_key(&info)).is_none() {
-                    todo.push((global, info, start));
+                // Huge blocks (up to 64 MiB) are left to the read that needs them.
+                if info.is_sparse() || info.is_parent_ref() || info.logical_len as u64 > window {
+                    return Ok(true);
                 }
+                bytes += info.logical_len as u64;
+                if self.cache.get(&self.block_key(&info)).is_none() {
+                    stored += info.length as u64;
+                    wants.push(Want { global, info, logical: start });
+                }
+                // A hostile index's tiny blocks with large stored sizes
+                // must not turn a window into much more work than its bytes.
+                return Ok(bytes < window && stored < 2 * window && wants.len() < MAX_AHEAD_BLOCKS);
             }
             Ok(true)
         });
-        crate::spread(&todo, |(global, info, start)| {
-            let _ = self.stored_block(*global, info, *start);
-        });
+        wants
+    }
+
+    /// Fetches and decodes stored blocks into the cache: sorted by file
+    /// offset (deduplicated entries once), in runs of one `pread` each
+    /// (merged across gaps up to `MERGE_GAP`, up to `MAX_RUN` bytes), each
+    /// run's blocks decoded on several threads. Returns the blocks decoded,
+    /// by file offset (a small cache may already have let them go). A block
+    /// that fails is left out: the read that needs it decodes it alone and
+    /// reports the error.
+    fn fetch(&self, mut wants: Vec<Want>) -> HashMap<u64, Arc<[u8]>> {
+        wants.retain(|w| self.check_stored(&w.info, w.logical).is_ok());
+        wants.sort_unstable_by_key(|w| w.info.offset);
+        wants.dedup_by_key(|w| w.info.offset);
+        let mut got = HashMap::with_capacity(wants.len());
+        let mut rest = &wants[..];
+        while let Some(first) = rest.first() {
+            let from = first.info.offset;
+            let mut to = from + first.info.length as u64;
+            let mut n = 1;
+            for w in &rest[1..] {
+                let end = (w.info.offset + w.info.length as u64).max(to);
+                if w.info.offset > to + MERGE_GAP || end - from > MAX_RUN {
+                    break;
+                }
+                to = end;
+                n += 1;
+            }
+            let (run, later) = rest.split_at(n);
+            rest = later;
+            with_scratch((to - from) as usize, |stored| {
+                if self.file.read_at(stored, from).is_err() {
+                    return;
+                }
+                let stored = &*stored;
+                let slots: Vec<OnceLock<Arc<[u8]>>> = run.iter().map(|_| OnceLock::new()).collect();
+                let decode = |k: &usize| {
+                    let w = &run[*k];
+                    let at = (w.info.offset - from) as usize;
+                    let raw = &stored[at..at + w.info.length as usize];
+                    if let Ok((block, Part::Whole)) = self.decode_stored(w, raw, None) {
+                        self.cache.insert(self.block_key(&w.info), block.clone());
+                        let _ = slots[*k].set(block);
+                    }
+                };
+                let items: Vec<usize> = (0..run.len()).collect();
+                // One CPU (as under the fuzzer): no threads at all.
+                if crate::cpus() < 2 {
+                    items.iter().for_each(decode);
+                } else {
+                    crate::spread(&items, decode);
+                }
+                for (w, slot) in run.iter().zip(slots) {
+                    if let Some(block) = slot.into_inner() {
+                        got.insert(w.info.offset, block);
+                    }
+                }
+            });
+        }
+        got
+    }
+
+    /// Decodes a missing block for a read that needs its first `need`
+    /// bytes: the whole block (cached) unless stopping early saves work;
+    /// a partly decoded block is returned for this read only, never cached.
+    fn decode_part(&self, want: &Want, need: usize) -> Result<Arc<[u8]>> {
+        let info = &want.info;
+        self.check_stored(info, want.logical)?;
+        let (block, part) = with_scratch(info.length as usize, |stored| {
+            self.file.read_at(stored, info.offset)?;
+            self.decode_stored(want, stored, Some(need))
+        })?;
+        if part == Part::Whole {
+            self.cache.insert(self.block_key(info), block.clone());
+        }
+        Ok(block)
     }
 
     /// What no block covers: the parents' bytes at the same offset (as hexz
@@ -292,7 +492,12 @@ impl HexzArchive {
         Ok(block)
     }
 
-    fn decode(&self, global: u64, info: &BlockInfo, logical: u64) -> Result<Arc<[u8]>> {
+    /// What is checked of a stored block's entry before any read or
+    /// allocation for it.
+    fn check_stored(&self, info: &BlockInfo, logical: u64) -> Result<()> {
+        if info.logical_len > MAX_BLOCK {
+            return Err(self.corrupt(logical, format!("block of {} bytes (limit {MAX_BLOCK})", info.logical_len)));
+        }
         if info.offset.checked_add(info.length as u64).is_none_or(|e| e > self.file.len()) {
             return Err(self.corrupt(logical, format!("block at {:#x} runs past the end of the file", info.offset)));
         }
@@ -302,31 +507,55 @@ impl HexzArchive {
                 self.corrupt(logical, format!("stored block of {} bytes is larger than any block", info.length))
             );
         }
-        let mut out = new_block(info.logical_len as usize);
+        Ok(())
+    }
+
+    fn decode(&self, global: u64, info: &BlockInfo, logical: u64) -> Result<Arc<[u8]>> {
+        self.check_stored(info, logical)?;
+        let want = Want { global, info: *info, logical };
         with_scratch(info.length as usize, |stored| {
             self.file.read_at(stored, info.offset)?;
-            let crc = crc32fast::hash(stored);
-            if crc != info.checksum {
-                return Err(self.corrupt(
-                    logical,
-                    format!(
-                        "block at {:#x}: CRC32 {crc:08x} does not match the index ({:08x})",
-                        info.offset, info.checksum
-                    ),
-                ));
+            self.decode_stored(&want, stored, None).map(|(block, _)| block)
+        })
+    }
+
+    /// A block from its stored bytes (`check_stored` passed): CRC32 check,
+    /// decryption, then decompression, whole, or with `need` only as far
+    /// as that (`codec::decompress_part`).
+    fn decode_stored(&self, want: &Want, stored: &[u8], need: Option<usize>) -> Result<(Arc<[u8]>, Part)> {
+        let Want { global, info, logical } = *want;
+        let crc = crc32fast::hash(stored);
+        if crc != info.checksum {
+            return Err(self.corrupt(
+                logical,
+                format!(
+                    "block at {:#x}: CRC32 {crc:08x} does not match the index ({:08x})",
+                    info.offset, info.checksum
+                ),
+            ));
+        }
+        let decrypted;
+        let plain: &[u8] = match &self.key {
+            Some(key) => {
+                decrypted = key.decrypt(global, stored).map_err(|m| self.corrupt(logical, m))?;
+                &decrypted
             }
-            let decrypted;
-            let plain: &[u8] = match &self.key {
-                Some(key) => {
-                    decrypted = key.decrypt(global, stored).map_err(|m| self.corrupt(logical, m))?;
-                    &decrypted
-                }
-                None => stored,
-            };
-            codec::decompress(self.header.codec, self.dict.as_ref(), plain, block_mut(&mut out))
-                .map_err(|m| self.corrupt(logical, format!("block at {:#x}: {m}", info.offset)))
-        })?;
-        Ok(out)
+            None => stored,
+        };
+        let mut out = new_block(info.logical_len as usize);
+        let damaged = |m: String| self.corrupt(logical, format!("block at {:#x}: {m}", info.offset));
+        let part = match need {
+            Some(need) => {
+                codec::decompress_part(self.header.codec, self.dict.as_ref(), plain, block_mut(&mut out), need)
+                    .map_err(damaged)?
+            }
+            None => {
+                codec::decompress(self.header.codec, self.dict.as_ref(), plain, block_mut(&mut out))
+                    .map_err(damaged)?;
+                Part::Whole
+            }
+        };
+        Ok((out, part))
     }
 
     fn hash_index(&self) -> &HashMap<[u8; 32], Located> {
@@ -576,6 +805,7 @@ fn open_in_chain(
         parents,
         ancestors,
         hashes: OnceLock::new(),
+        sequence: Default::default(),
     };
     if let Some(enc) = archive.header.encryption.clone() {
         if !(MIN_ITERATIONS..=MAX_ITERATIONS).contains(&enc.iterations) {
