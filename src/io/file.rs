@@ -224,3 +224,31 @@ fn page_size() -> usize {
         4096
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Mapped reads from one page to three `mincore` stretches (1 MiB
+    /// each), page-aligned or not, of a file just written (so in the page
+    /// cache): all mapped, and the bytes are the file's.
+    #[test]
+    fn mapped_ranges_are_the_files_bytes() {
+        let bytes: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let mut tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.write_all(&bytes).unwrap();
+        tmp.flush().unwrap();
+        let path = tmp.path().to_path_buf();
+        let (file, meta) = LocalFile::from_file(File::open(&path).unwrap(), &path).unwrap();
+        let len = meta.len;
+        // Written through the page cache, so all resident.
+        for (offset, n) in
+            [(0, 4096), (4096, 1 << 20), (1, 1 << 20), (4095, (1 << 20) + 2), (123, 2 << 20), (0, 3 << 20)]
+        {
+            let got = file.mapped(len, offset as u64, n).unwrap_or_else(|| panic!("{offset}+{n} not mapped"));
+            assert!(got == &bytes[offset..offset + n], "{offset}+{n}");
+        }
+        assert!(file.mapped(len, 1, 3 << 20).is_none(), "past the end");
+    }
+}
