@@ -35,7 +35,8 @@ pub fn spread<T: Sync>(items: &[T], work: impl Fn(&T) + Sync) {
 /// `spread` for work that writes into its item (each its own slice of one
 /// buffer, say).
 pub fn spread_mut<T: Send>(items: &mut [T], work: impl Fn(&mut T) + Sync) {
-    if items.len() < 2 {
+    // One item, or one CPU (as under the fuzzer): no threads at all.
+    if items.len() < 2 || cpus() < 2 {
         return items.iter_mut().for_each(work);
     }
     let per = items.len().div_ceil(cpus().min(items.len()));

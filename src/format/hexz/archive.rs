@@ -436,12 +436,7 @@ impl HexzArchive {
                     }
                 };
                 let items: Vec<usize> = (0..run.len()).collect();
-                // One CPU (as under the fuzzer): no threads at all.
-                if crate::cpus() < 2 {
-                    items.iter().for_each(decode);
-                } else {
-                    crate::spread(&items, decode);
-                }
+                crate::spread(&items, decode);
                 for (w, slot) in run.iter().zip(slots) {
                     if let Some(block) = slot.into_inner() {
                         got.insert(w.info.offset, block);
